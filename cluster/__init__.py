@@ -1,0 +1,1 @@
+"""The operator's face and shared infrastructure: CLI, local cluster, artifact store, configs."""

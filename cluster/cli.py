@@ -1,0 +1,130 @@
+"""`rayfoundry`: the operator's face over Ray, the store and the jobs.
+
+Commands that do real work (adding a model, preparing data, evaluating) run the job modules
+in a child process, exactly as `ray job submit -- python -m jobs.<job>` would, so this package
+never imports `jobs`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from cluster import local_cluster
+from cluster.errors import reports_user_errors
+from cluster.store import Store, human_bytes, verify
+
+# `rayfoundry A B ...` -> `python -m <module> ...`
+DELEGATED = {
+    ("models", "add"): "jobs.add_model",
+    ("data", "prepare"): "jobs.prepare_data",
+    ("eval", "ppl"): "jobs.eval_ppl",
+}
+
+
+def run_job_module(module: str, argv: list[str]) -> int:
+    return subprocess.run([sys.executable, "-m", module, *argv]).returncode
+
+
+def cmd_up(args) -> int:
+    print(local_cluster.up(num_cpus=args.num_cpus))
+    return 0
+
+
+def cmd_status(args) -> int:
+    report = local_cluster.status()
+    print(json.dumps(report, indent=2))
+    return 0 if report["running"] else 1
+
+
+def cmd_down(args) -> int:
+    print(local_cluster.down())
+    return 0
+
+
+def cmd_list(kind: str):
+    def run(args) -> int:
+        store = Store(args.store)
+        artifacts = store.list(kind)
+        print(f"{'NAME':<32}{'SIZE':>12}{'FILES':>7}  SOURCE   (store: {store.uri})")
+        for a in artifacts:
+            source = a.manifest.get("source")
+            source = source if isinstance(source, str) else source.get("kind") if source else ""
+            print(f"{a.name:<32}{human_bytes(a.num_bytes):>12}{len(a.manifest['files']):>7}  {source}")
+        if not artifacts:
+            print(f"(no {kind} stored)")
+        return 0
+
+    return run
+
+
+def cmd_verify(kind: str):
+    def run(args) -> int:
+        store = Store(args.store)
+        artifact = store.get(kind, args.name)
+        if artifact is None:
+            print(f"rayfoundry: error: no {kind[:-1]} named '{args.name}' in {store.uri}", file=sys.stderr)
+            return 2
+        verify(artifact)
+        print(f"{kind[:-1]} '{args.name}': all {len(artifact.manifest['files'])} files match the manifest")
+        return 0
+
+    return run
+
+
+def cmd_remove(kind: str):
+    def run(args) -> int:
+        Store(args.store).remove(kind, args.name)
+        print(f"removed {kind[:-1]} '{args.name}'")
+        return 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayfoundry", description="Compress LLMs and serve them on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the local Ray cluster (dashboard on 127.0.0.1:8265)")
+    up.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("status", help="show the local cluster").set_defaults(func=cmd_status)
+    sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    groups = {
+        "models": sub.add_parser("models", help="models in the store").add_subparsers(dest="action", required=True),
+        "data": sub.add_parser("data", help="datasets in the store").add_subparsers(dest="action", required=True),
+        "eval": sub.add_parser("eval", help="measure quality").add_subparsers(dest="action", required=True),
+    }
+    for group, kind in (("models", "models"), ("data", "datasets")):
+        _add_store_commands(groups[group], kind)
+    # Listed for --help only: `_main` hands these to their job module before parsing.
+    for (group, action), module in DELEGATED.items():
+        groups[group].add_parser(action, help=f"python -m {module} (see `rayfoundry {group} {action} --help`)")
+    return parser
+
+
+def _add_store_commands(commands, kind: str) -> None:
+    for action, make_func, needs_name in (("list", cmd_list, False), ("verify", cmd_verify, True),
+                                          ("rm", cmd_remove, True)):
+        p = commands.add_parser(action, help=f"{action} stored {kind}")
+        if needs_name:
+            p.add_argument("name")
+        p.add_argument("--store", help="store URI (default: $RAYFOUNDRY_STORE or ~/.rayfoundry/store)")
+        p.set_defaults(func=make_func(kind))
+
+
+def delegated_module(argv: list[str]) -> str | None:
+    return DELEGATED.get(tuple(argv[:2]))
+
+
+@reports_user_errors("rayfoundry")
+def _main(argv: list[str]) -> int:
+    module = delegated_module(argv)
+    if module is not None:
+        return run_job_module(module, argv[2:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(_main(sys.argv[1:] if argv is None else argv))

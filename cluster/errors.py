@@ -1,0 +1,29 @@
+"""Errors a user can cause, and the one way every entry point reports them."""
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+USAGE_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """Bad input: printed as one line naming the problem, exit code 2, nothing written."""
+
+
+def reports_user_errors(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., int]]:
+    """Wrap a `main` so a UserError prints `prog: error: ...` and exits 2 instead of a traceback."""
+
+    def wrap(main: Callable[..., int | None]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs) or 0
+            except UserError as exc:
+                print(f"{prog}: error: {exc}", file=sys.stderr)
+                return USAGE_EXIT_CODE
+
+        return run
+
+    return wrap

@@ -1,0 +1,1 @@
+"""Offline work run as Ray jobs: data preparation, compression, evaluation, training, benchmarks."""

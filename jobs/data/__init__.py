@@ -1,0 +1,1 @@
+"""Text corpora -> tokenized Parquet shards with a manifest, readable as Ray Datasets."""

@@ -1,0 +1,1 @@
+"""Evaluation: the quality yardstick every compression and training job is measured with."""

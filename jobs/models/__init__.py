@@ -1,0 +1,1 @@
+"""Models: the known offline models, GGUF conversion, opening and loading stored models."""

@@ -1,0 +1,46 @@
+"""Open a model by name, path or URI, verify it against its manifest, load it."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from cluster.errors import UserError
+from cluster.store import Artifact, Store, local_copy, open_artifact, verify
+
+
+def open_model(ref: str, store: Store | None = None) -> Artifact:
+    """The model `ref` names, its files checked against the manifest when it has one."""
+    artifact = open_artifact(ref, "models", store)
+    if artifact.fs.get_file_info(artifact.file_path("config.json")).type != pafs.FileType.File:
+        raise UserError(f"{ref} is not a Hugging Face model folder (no config.json)")
+    verify(artifact)
+    return artifact
+
+
+def model_dir(ref: str, store: Store | None = None) -> Path:
+    return local_copy(open_model(ref, store))
+
+
+def context_length(path: Path) -> int:
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    return int(config.max_position_embeddings)
+
+
+def load_tokenizer(path: Path):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def tokenizer_sha256(path: Path) -> str | None:
+    """Fingerprint of a model's tokenizer, to catch data tokenized for another model."""
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return None
+    return hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
