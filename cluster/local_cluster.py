@@ -28,9 +28,27 @@ def dashboard_url(port: int = DASHBOARD_PORT) -> str:
     return f"http://{HOST}:{port}"
 
 
+def _auth_headers() -> dict[str, str]:
+    """Ray's token header when the user asked for token authentication (RAY_AUTH_MODE=token)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    return get_auth_headers_if_auth_enabled({})
+
+
 def _get_json(url: str, timeout: float = 3.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
+    request = urllib.request.Request(url, headers=_auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise UserError(
+                f"the Ray cluster at {url.split('/api')[0]} requires its auth token: "
+                "export RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
+        raise
 
 
 def running_version(port: int = DASHBOARD_PORT) -> str | None:
@@ -51,6 +69,10 @@ def _env_for_ray() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Every port binds to 127.0.0.1. Ray would turn token authentication on whenever some earlier
+    # `ray.init()` left a token in ~/.ray, and then a plain `ray job submit` fails; we make the
+    # choice explicit instead: off unless the user sets RAY_AUTH_MODE=token themselves.
+    env.setdefault("RAY_AUTH_MODE", "disabled")
     return env
 
 

@@ -148,32 +148,53 @@ def read_debian_handbook(source: DebianHandbookSource) -> Iterator[Document]:
 
 
 class _TextExtractor(html.parser.HTMLParser):
-    _SKIP = {"script", "style", "head", "nav"}
+    """Visible text of a page; skips scripts, styles and the handbook's navigation and tables of contents."""
+
+    _SKIP_TAGS = {"script", "style", "head", "nav"}
+    _SKIP_CLASSES = {"docnav", "toc"}
+    _SKIP_IDS = {"banner", "title"}
     _BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "pre", "tr", "dt", "dd", "table"}
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
-        self.skipping = 0
+        self.skip_tag: str | None = None  # the tag that opened the skipped region
+        self.skip_depth = 0  # how many of that tag are open inside it
+        self.in_pre = 0
+
+    def _starts_skip(self, tag, attrs) -> bool:
+        attrs = dict(attrs)
+        classes = set((attrs.get("class") or "").split())
+        return tag in self._SKIP_TAGS or attrs.get("id") in self._SKIP_IDS or bool(classes & self._SKIP_CLASSES)
 
     def handle_starttag(self, tag, attrs):
-        self.skipping += tag in self._SKIP
+        if self.skip_tag is None and self._starts_skip(tag, attrs):
+            self.skip_tag = tag
+        if tag == self.skip_tag:
+            self.skip_depth += 1
+        self.in_pre += tag == "pre"
         if tag in self._BLOCK:
             self.parts.append("\n")
 
     def handle_endtag(self, tag):
-        self.skipping -= tag in self._SKIP and self.skipping > 0
+        if tag == self.skip_tag:
+            self.skip_depth -= 1
+            if self.skip_depth == 0:
+                self.skip_tag = None
+        self.in_pre -= tag == "pre" and self.in_pre > 0
+        if tag in self._BLOCK:
+            self.parts.append("\n")
 
     def handle_data(self, data):
-        if not self.skipping:
-            self.parts.append(data)
+        if self.skip_tag is None:  # HTML collapses whitespace, except in <pre>
+            self.parts.append(data if self.in_pre else re.sub(r"\s+", " ", data))
 
 
 def html_to_text(page: str) -> str:
     extractor = _TextExtractor()
     extractor.feed(page)
-    lines = (" ".join(line.split()) for line in "".join(extractor.parts).splitlines())
-    return "\n".join(line for line in lines if line) + "\n"
+    lines = (line.strip() for line in "".join(extractor.parts).splitlines())
+    return "\n".join(line for line in lines if line.strip()) + "\n"
 
 
 READERS: dict[type, Callable[..., Iterator[Document]]] = {

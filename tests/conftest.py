@@ -1,0 +1,107 @@
+"""Shared fixtures: isolated stores, a tiny random Llama, the real SmolLM2 (converted once)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAYFOUNDRY = [sys.executable, "-c", "import sys; from cluster.cli import main; sys.argv[0] = 'rayfoundry'; main()"]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(argv: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float = 900) -> Result:
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def env_with_home(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAYFOUNDRY_STORE", None)
+    env["RAYFOUNDRY_HOME"] = str(home)
+    return env
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    """A fresh, empty RAYFOUNDRY_HOME for one test."""
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def cli(home):
+    """Run `rayfoundry ...` against the test's own store."""
+
+    def call(*args: str) -> Result:
+        return run([*RAYFOUNDRY, *args], env_with_home(home))
+
+    return call
+
+
+@pytest.fixture
+def job(home):
+    """Run `python -m jobs.<module> ...` against the test's own store."""
+
+    def call(module: str, *args: str) -> Result:
+        return run([sys.executable, "-m", module, *args], env_with_home(home))
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory) -> Path:
+    """A store holding the real SmolLM2-135M-Instruct and the prepared `shakespeare` corpus."""
+    home = tmp_path_factory.mktemp("smollm2-home")
+    env = env_with_home(home)
+    added = run([*RAYFOUNDRY, "models", "add", "smollm2-135m-instruct"], env)
+    assert added.returncode == 0, added.stderr
+    prepared = run(
+        [sys.executable, "-m", "jobs.prepare_data", "--config", "configs/jobs/data_shakespeare.yaml"], env
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_home) -> Path:
+    return smollm2_home / "store" / "models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and a 64-token context."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root with its size and mtime, to show a command changed nothing."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
