@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from cluster import local_cluster
-from cluster.errors import reports_user_errors
+from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store, human_bytes, verify
 
 # `rayfoundry A B ...` -> `python -m <module> ...`
@@ -49,9 +49,7 @@ def cmd_list(kind: str):
         artifacts = store.list(kind)
         print(f"{'NAME':<32}{'SIZE':>12}{'FILES':>7}  SOURCE   (store: {store.uri})")
         for a in artifacts:
-            source = a.manifest.get("source")
-            source = source if isinstance(source, str) else source.get("kind") if source else ""
-            print(f"{a.name:<32}{human_bytes(a.num_bytes):>12}{len(a.manifest['files']):>7}  {source}")
+            print(f"{a.name:<32}{human_bytes(a.num_bytes):>12}{len(a.manifest['files']):>7}  {_source_of(a)}")
         if not artifacts:
             print(f"(no {kind} stored)")
         return 0
@@ -59,13 +57,18 @@ def cmd_list(kind: str):
     return run
 
 
+def _source_of(artifact) -> str:
+    """A model records the reference it was added from; a dataset its source config."""
+    source = artifact.manifest.get("source", "")
+    return source.get("kind", "") if isinstance(source, dict) else str(source)
+
+
 def cmd_verify(kind: str):
     def run(args) -> int:
         store = Store(args.store)
         artifact = store.get(kind, args.name)
         if artifact is None:
-            print(f"rayfoundry: error: no {kind[:-1]} named '{args.name}' in {store.uri}", file=sys.stderr)
-            return 2
+            raise UserError(f"no {kind[:-1]} named '{args.name}' in the store at {store.uri}")
         verify(artifact)
         print(f"{kind[:-1]} '{args.name}': all {len(artifact.manifest['files'])} files match the manifest")
         return 0

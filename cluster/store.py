@@ -233,18 +233,24 @@ def _delete_dir_quietly(fs: pafs.FileSystem, path: str) -> None:
 
 
 def open_artifact(ref: str, kind: str, store: Store | None = None) -> Artifact:
-    """Resolve a user's reference: a stored name, a local path, or a file/s3/gs URI."""
+    """Resolve a user's reference: a stored name, a local path, or a file/s3/gs URI.
+
+    A bare word is a stored name first; only if nothing is stored under it is it tried as a
+    folder in the working directory.
+    """
     store = store or Store()
-    if has_scheme(ref) or os.sep in ref or ref.startswith((".", "~")) or Path(ref).exists():
+    if has_scheme(ref) or os.sep in ref or ref.startswith((".", "~")):
         return _open_location(ref, kind)
     artifact = store.get(kind, ref)
-    if artifact is None:
-        stored = ", ".join(store.names(kind)) or "none"
-        raise UserError(
-            f"no {kind[:-1]} named '{ref}' in the store at {store.uri} (stored: {stored}); "
-            f"give a path or URI, or add it first"
-        )
-    return artifact
+    if artifact is not None:
+        return artifact
+    if Path(ref).is_dir():
+        return _open_location(ref, kind)
+    stored = ", ".join(store.names(kind)) or "none"
+    raise UserError(
+        f"no {kind[:-1]} named '{ref}' in the store at {store.uri} (stored: {stored}); "
+        f"give a path or URI, or add it first"
+    )
 
 
 def _open_location(ref: str, kind: str) -> Artifact:

@@ -109,7 +109,8 @@ def test_split_reads_as_a_ray_dataset(tmp_path):
 
     stream = np.arange(3 * ROW_TOKENS + 5, dtype=np.int32)
     dataset, _ = stored_dataset(tmp_path, stream, shard_tokens=2 * ROW_TOKENS)
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     try:
         rows = ray_dataset(dataset, "validation").take_all()
     finally:
