@@ -13,7 +13,7 @@ import sys
 
 from cluster import local_cluster
 from cluster.errors import UserError, reports_user_errors
-from cluster.store import Store, human_bytes, verify
+from cluster.store import Store, human_bytes, singular, verify
 
 # `rayfoundry A B ...` -> `python -m <module> ...`
 DELEGATED = {
@@ -68,9 +68,9 @@ def cmd_verify(kind: str):
         store = Store(args.store)
         artifact = store.get(kind, args.name)
         if artifact is None:
-            raise UserError(f"no {kind[:-1]} named '{args.name}' in the store at {store.uri}")
+            raise UserError(f"no {singular(kind)} named '{args.name}' in the store at {store.uri}")
         verify(artifact)
-        print(f"{kind[:-1]} '{args.name}': all {len(artifact.manifest['files'])} files match the manifest")
+        print(f"{singular(kind)} '{args.name}': all {len(artifact.manifest['files'])} files match the manifest")
         return 0
 
     return run
@@ -79,7 +79,7 @@ def cmd_verify(kind: str):
 def cmd_remove(kind: str):
     def run(args) -> int:
         Store(args.store).remove(kind, args.name)
-        print(f"removed {kind[:-1]} '{args.name}'")
+        print(f"removed {singular(kind)} '{args.name}'")
         return 0
 
     return run

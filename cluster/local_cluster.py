@@ -111,14 +111,18 @@ def status(port: int = DASHBOARD_PORT) -> dict:
     version = running_version(port)
     if version is None:
         return {"running": False, "dashboard": dashboard_url(port)}
-    jobs = _get_json(f"{dashboard_url(port)}/api/jobs/")
     by_status: dict[str, int] = {}
-    for job in jobs:
+    for job in list_jobs(port):
         by_status[job["status"]] = by_status.get(job["status"], 0) + 1
     return {
         "running": True, "ray_version": version, "dashboard": dashboard_url(port),
         "address": f"{HOST}:{GCS_PORT}", "resources": _cluster_resources(port), "jobs": by_status,
     }
+
+
+def list_jobs(port: int = DASHBOARD_PORT) -> list[dict]:
+    """The dashboard's job API: every job submitted to the cluster, with status and entrypoint."""
+    return _get_json(f"{dashboard_url(port)}/api/jobs/")
 
 
 def _cluster_resources(port: int) -> dict:

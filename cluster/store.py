@@ -37,6 +37,10 @@ def default_store_uri() -> str:
     return os.environ.get("RAYFOUNDRY_STORE", str(rayfoundry_home() / "store"))
 
 
+def singular(kind: str) -> str:
+    return kind.removesuffix("s")  # models -> model, in messages
+
+
 def has_scheme(ref: str) -> bool:
     return "://" in ref
 
@@ -134,7 +138,7 @@ def verify(artifact: Artifact) -> None:
             continue
         repair = artifact.manifest.get("recreate", "remove it and create it again")
         raise CorruptArtifact(
-            f"stored {artifact.kind[:-1]} '{artifact.name}' is corrupted: {rel} {problem}; "
+            f"stored {singular(artifact.kind)} '{artifact.name}' is corrupted: {rel} {problem}; "
             f"repair it with: {repair}"
         )
 
@@ -174,7 +178,7 @@ class Store:
         """Copy `local_dir` in as artifact `name`, manifest included, in one atomic step."""
         final = self._dir(kind, name)
         if self.get(kind, name) is not None and not replace:
-            raise UserError(f"{kind[:-1]} '{name}' is already stored at {final}")
+            raise UserError(f"{singular(kind)} '{name}' is already stored at {final}")
         staging = f"{self.root}/.staging/{kind}-{name}-{uuid.uuid4().hex}"
         self.fs.create_dir(staging, recursive=True)
         try:
@@ -188,20 +192,26 @@ class Store:
 
     def _commit(self, staging: str, final: str) -> None:
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        old = None
-        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
-            old = f"{self.root}/.staging/old-{uuid.uuid4().hex}"
-            self.fs.move(final, old)
+        exists = self.fs.get_file_info(final).type != pafs.FileType.NotFound
         if is_local(self.fs):
+            # Renames: readers see the old artifact or the new one, never a mix.
+            old = f"{self.root}/.staging/old-{uuid.uuid4().hex}" if exists else None
+            if old:
+                self.fs.move(final, old)
             self.fs.move(staging, final)
+            if old:
+                self.fs.delete_dir(old)
         else:
+            # Object stores cannot rename folders: the old artifact disappears with its
+            # manifest, and the new one appears when its manifest is written, last.
+            if exists:
+                self.fs.delete_file(f"{final}/{MANIFEST}")
+                self.fs.delete_dir(final)
             _copy_manifest_last(self.fs, staging, final)
-        if old is not None:
-            self.fs.delete_dir(old)
 
     def remove(self, kind: str, name: str) -> None:
         if self.get(kind, name) is None:
-            raise UserError(f"no {kind[:-1]} named '{name}' in the store at {self.uri}")
+            raise UserError(f"no {singular(kind)} named '{name}' in the store at {self.uri}")
         self.fs.delete_dir(self._dir(kind, name))
 
 
@@ -248,7 +258,7 @@ def open_artifact(ref: str, kind: str, store: Store | None = None) -> Artifact:
         return _open_location(ref, kind)
     stored = ", ".join(store.names(kind)) or "none"
     raise UserError(
-        f"no {kind[:-1]} named '{ref}' in the store at {store.uri} (stored: {stored}); "
+        f"no {singular(kind)} named '{ref}' in the store at {store.uri} (stored: {stored}); "
         f"give a path or URI, or add it first"
     )
 
@@ -260,7 +270,7 @@ def _open_location(ref: str, kind: str) -> Artifact:
         raise UserError(f"cannot open {ref}: {exc}") from None
     path = path.rstrip("/")
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise UserError(f"no such {kind[:-1]} folder: {ref}")
+        raise UserError(f"no such {singular(kind)} folder: {ref}")
     name = path.rsplit("/", 1)[-1]
     manifest_path = f"{path}/{MANIFEST}"
     manifest = None

@@ -104,9 +104,11 @@ def test_shards_round_trip_the_stream(tmp_path):
     np.testing.assert_array_equal(read_tokens(dataset, "validation", 4100), stream[:4100])
 
 
-def test_split_reads_as_a_ray_dataset(tmp_path):
+def test_split_reads_as_a_ray_dataset(tmp_path, monkeypatch):
     import ray
 
+    # A new local ray.init() would otherwise switch on token auth for this whole process.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     stream = np.arange(3 * ROW_TOKENS + 5, dtype=np.int32)
     dataset, _ = stored_dataset(tmp_path, stream, shard_tokens=2 * ROW_TOKENS)
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,

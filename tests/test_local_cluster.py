@@ -1,12 +1,11 @@
 """The embedded local cluster: `rayfoundry up/status/down` and a data job through `ray job submit`."""
 import json
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import dashboard_url, running_version
+from cluster.local_cluster import list_jobs, running_version
 from conftest import RAYFOUNDRY, REPO, env_with_home, run
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -50,8 +49,7 @@ def test_prepare_data_runs_as_a_ray_job_listed_by_the_dashboard(local_cluster, t
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = submitted.stdout.split("Job '")[1].split("'")[0]
 
-    with urllib.request.urlopen(f"{dashboard_url()}/api/jobs/", timeout=10) as response:
-        jobs = {job["submission_id"]: job for job in json.loads(response.read())}
+    jobs = {job["submission_id"]: job for job in list_jobs()}  # GET /api/jobs/ on the dashboard
     assert jobs[job_id]["status"] == "SUCCEEDED"
     assert "jobs.prepare_data" in jobs[job_id]["entrypoint"]
     manifest = json.loads((store / "datasets" / "romans" / "manifest.json").read_text())
