@@ -215,7 +215,6 @@ class Store:
         self.fs.delete_dir(self._dir(kind, name))
 
 
-
 def local_copy(artifact: Artifact) -> Path:
     """A local folder with the artifact's files: itself when local, else a cached download."""
     if is_local(artifact.fs):
@@ -224,7 +223,9 @@ def local_copy(artifact: Artifact) -> Path:
     cached = rayfoundry_home() / "cache" / artifact.kind / f"{artifact.name}-{digest}"
     if not cached.is_dir():
         tmp = cached.with_name(f".tmp-{uuid.uuid4().hex}")
+        tmp.mkdir(parents=True)
         pafs.copy_files(artifact.path, str(tmp), artifact.fs, pafs.LocalFileSystem())
+        verify(Artifact(artifact.kind, artifact.name, pafs.LocalFileSystem(), str(tmp), artifact.manifest))
         tmp.rename(cached)
     return cached
 
