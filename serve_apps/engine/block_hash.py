@@ -1,0 +1,32 @@
+"""Pure block hashing for automatic prefix caching.
+
+A full block of KV cache is named by a hash chained over (parent block's hash, the block's
+token ids): equal hashes mean equal whole prefixes, not just equal blocks, so a hit on block i
+implies hits on blocks 0..i-1. The hashes are stable across processes (no Python `hash()` of
+str/bytes), so replicas can report them to the request router, which uses the same function.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+BlockHash = int
+
+ROOT_HASH: BlockHash = int.from_bytes(hashlib.blake2b(b"rayfoundry-kv-root", digest_size=8).digest(), "little")
+
+
+def hash_block_tokens(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(parent.to_bytes(8, "little"))
+    digest.update(array("q", token_ids).tobytes())
+    return int.from_bytes(digest.digest(), "little")
+
+
+def hash_full_blocks(token_ids: Sequence[int], block_size: int, parent: BlockHash = ROOT_HASH) -> list[BlockHash]:
+    """Chained hashes of every full block of `token_ids` (a partial last block has none)."""
+    hashes = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block_tokens(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
