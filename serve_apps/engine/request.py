@@ -33,6 +33,7 @@ class Request:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     first_token_time: float | None = None
+    output_logprobs: list = field(default_factory=list)  # one SampledToken per output token
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

@@ -1,0 +1,69 @@
+"""Attention over a paged KV cache: torch reference (CPU and any device).
+
+Layout: k_cache, v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's
+tokens live in the blocks its block table lists, in order. A batch is ragged: sequence i
+contributes query_lens[i] consecutive rows of `query` (a prefill chunk, or 1 for a decode) and
+attends causally to its first context_lens[i] cached tokens, its new ones included.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values [T, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, heads, max_blocks * block_size, head_dim]."""
+    gathered = cache[block_table]  # [B, max_blocks, block_size, H, D]
+    return gathered.flatten(1, 2).transpose(1, 2)
+
+
+def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, all sequences in one batched call. query: [B, Hq, D]."""
+    keys, values = _gather(k_cache, block_tables), _gather(v_cache, block_tables)
+    positions = torch.arange(keys.shape[2], device=query.device)
+    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)
+    return out[:, :, 0]
+
+
+def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+    """One sequence's chunk of q new tokens, the last q of its context_len. query: [q, Hq, D]."""
+    num_query = query.shape[0]
+    keys = _gather(k_cache, block_table[None])[:, :, :context_len]
+    values = _gather(v_cache, block_table[None])[:, :, :context_len]
+    query_positions = torch.arange(context_len - num_query, context_len, device=query.device)
+    key_positions = torch.arange(context_len, device=query.device)
+    mask = key_positions[None, :] <= query_positions[:, None]  # causal, offset by the cached part
+    out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                         scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
+                    scale: float) -> torch.Tensor:
+    """Ragged batch: decodes (query_len 1) go together in one call, prefill chunks one by one."""
+    out = torch.empty_like(query)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    decodes = [i for i, n in enumerate(query_lens) if n == 1]
+    if decodes:
+        rows = torch.tensor([starts[i] for i in decodes], device=query.device)
+        lens = torch.tensor([context_lens[i] for i in decodes], device=query.device)
+        out[rows] = decode_attention(query[rows], k_cache, v_cache, block_tables[decodes], lens, scale)
+    for i, n in enumerate(query_lens):
+        if n > 1:
+            out[starts[i] : starts[i + 1]] = prefill_attention(
+                query[starts[i] : starts[i + 1]], k_cache, v_cache, block_tables[i], context_lens[i], scale)
+    return out

@@ -1,0 +1,137 @@
+"""The engine: requests in, tokens out, one step at a time (schedule -> execute -> update)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from transformers import AutoTokenizer
+
+from cluster.config import StrictConfig
+from serve_apps.engine.kv_cache_manager import KVCacheManager
+from serve_apps.engine.model_runner import ModelRunner, kv_block_bytes, load_model
+from serve_apps.engine.request import Request, Status
+from serve_apps.engine.sampler import SampledToken, Sampler
+from serve_apps.engine.sampling_params import SamplingParams
+from serve_apps.engine.scheduler import Scheduler, SchedulerOutput
+
+
+class EngineConfig(StrictConfig):
+    block_size: int = Field(16, ge=1)
+    kv_cache_memory_gib: float = Field(1.0, gt=0)
+    num_blocks: int | None = Field(None, ge=1, description="overrides kv_cache_memory_gib")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    max_model_len: int | None = Field(None, ge=2, description="default: the model's context")
+    enable_prefix_caching: bool = True
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # all outputs so far
+    logprobs: list[SampledToken] = field(default_factory=list)  # all outputs so far
+
+
+class LLMEngine:
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        dtype = getattr(torch, self.config.dtype)
+        self.model = load_model(Path(model_path), dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model_config = self.model.config
+        self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
+        num_blocks = self.config.num_blocks or int(
+            self.config.kv_cache_memory_gib * 2**30 // kv_block_bytes(model_config, self.config.block_size, dtype))
+        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
+        self.sampler = Sampler()
+        self.eos_token_ids = {model_config.eos_token_id} if isinstance(model_config.eos_token_id, int) \
+            else set(model_config.eos_token_id or [])
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        self._check_fits(token_ids)
+        request = Request(request_id or f"req-{next(self._ids)}", token_ids, params)
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request.request_id
+
+    def _check_fits(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room in the context of {self.max_model_len}")
+        capacity = self.kv_cache.pool.num_blocks * self.kv_cache.block_size
+        if len(token_ids) + 1 > capacity:
+            raise ValueError(f"prompt: {len(token_ids)} tokens do not fit the KV cache ({capacity} tokens)")
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request, Status.FINISHED_ABORT)
+            self.sampler.forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        logits = self.runner.execute(out, {s.request.request_id: self.kv_cache.block_ids(s.request.request_id)
+                                           for s in out.scheduled})
+        sampling = [s.request for s in out.scheduled if s.completes_sequence]
+        sampled = self.sampler(logits, sampling)
+        self.scheduler.commit(out)
+        return [self._update(request, token) for request, token in zip(sampling, sampled)]
+
+    def _update(self, request: Request, token: SampledToken) -> RequestOutput:
+        request.token_ids.append(token.token_id)
+        request.output_logprobs.append(token)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        reason = self._finish_reason(request, token.token_id)
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+            self.requests.pop(request.request_id, None)
+            self.sampler.forget(request.request_id)
+        return RequestOutput(request.request_id, [token.token_id], reason is not None,
+                             reason.value if reason else None, request.output_token_ids, request.output_logprobs)
+
+    def _finish_reason(self, request: Request, token_id: int) -> Status | None:
+        params = request.params
+        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            return Status.FINISHED_STOP
+        if len(request.output_token_ids) >= params.max_tokens or len(request.token_ids) >= self.max_model_len:
+            return Status.FINISHED_LENGTH
+        return None
+
+    # -- synchronous use, for jobs -------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        ids = [self.add_request(p, params) for p in prompts]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for output in self.step():
+                if output.finished:
+                    final[output.request_id] = output
+        return [final[i] for i in ids]
+
+
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "SchedulerOutput"]

@@ -1,0 +1,79 @@
+"""Loads a model, owns its KV cache tensors, and runs one forward per step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
+from serve_apps.engine.scheduler import SchedulerOutput
+
+ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+
+
+def load_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"model type {config.model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    with torch.device("cpu"):
+        model = ARCHITECTURES[config.model_type](config)
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no .safetensors weights")
+
+    def weights():
+        for file in files:
+            with safe_open(file, "pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    model.load_weights(weights())
+    return model.to(dtype).eval()
+
+
+def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return per_token * block_size * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        shape = (num_blocks, block_size, config.num_key_value_heads, head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                          for _ in range(config.num_hidden_layers)]
+
+    def _prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]):
+        """Flat inputs for the step: per request a slice of tokens, never a loop over tokens."""
+        input_ids, positions, slots, tables = [], [], [], []
+        for item in out.scheduled:
+            start, end = item.start, item.start + item.num_new_tokens
+            table = block_ids[item.request.request_id]
+            request_positions = torch.arange(start, end)
+            input_ids += item.request.token_ids[start:end]
+            positions.append(request_positions)
+            blocks = torch.tensor(table)[request_positions // self.block_size]
+            slots.append(blocks * self.block_size + request_positions % self.block_size)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        query_lens = [item.num_new_tokens for item in out.scheduled]
+        context_lens = [item.start + item.num_new_tokens for item in out.scheduled]
+        batch = AttentionBatch(torch.cat(slots), block_tables, query_lens, context_lens)
+        return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), batch
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> torch.Tensor:
+        """Logits [N, vocab] at the last token of each request that samples this step."""
+        input_ids, positions, batch = self._prepare(out, block_ids)
+        hidden = self.model(input_ids, positions, batch, self.kv_caches)
+        last_rows = torch.tensor(batch.query_lens).cumsum(0) - 1
+        samples = torch.tensor([item.completes_sequence for item in out.scheduled])
+        return self.model.compute_logits(hidden[last_rows[samples]])

@@ -1,0 +1,172 @@
+"""The Llama family (Llama, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+
+Tokens of all sequences in a step are one flat [T] batch; only attention needs to know where
+one sequence ends (the AttentionBatch). q/k/v and gate/up projections are fused into one
+matmul each: on a CPU, fewer larger matmuls run measurably faster than many small ones.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.paged_attention import paged_attention, write_kv_cache
+
+
+@dataclass
+class AttentionBatch:
+    """Where each sequence's tokens are, in the batch and in the cache."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks]
+    query_lens: list[int]
+    context_lens: list[int]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, rotate-half convention (as Hugging Face's Llama)."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x: [T, H, D]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, rotary: Rotary, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x, positions, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.rotary(q.view(-1, self.num_heads, self.head_dim), positions)
+        k = self.rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        write_kv_cache(k, v, *kv_cache, batch.slot_mapping)
+        out = paged_attention(q, *kv_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, rotary: Rotary, qkv_bias: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary, qkv_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, batch, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, batch, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (only 'default')")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+class LlamaForCausalLM(nn.Module):
+    # Hugging Face checkpoint names that land in one of our fused matrices, and which slice.
+    FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary = Rotary(head_dim, rope_theta(config), config.max_position_embeddings)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids, positions, batch: AttentionBatch, kv_caches) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, batch, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            module, _, leaf = name.rpartition(".")
+            parent, _, proj = module.rpartition(".")
+            if proj in self.FUSED:
+                fused, index = self.FUSED[proj]
+                target = params[f"{parent}.{fused}.{leaf}"]
+                sizes = self._fused_sizes(fused, target.shape[0])
+                start = sum(sizes[:index])
+                target.data[start : start + sizes[index]].copy_(tensor)
+                loaded.add(f"{parent}.{fused}.{leaf}#{index}")
+            else:
+                params[name].data.copy_(tensor)
+                loaded.add(name)
+        self._check_all_loaded(loaded)
+
+    def _fused_sizes(self, fused: str, total: int) -> list[int]:
+        if fused == "gate_up_proj":
+            return [total // 2, total // 2]
+        attn = self.layers[0].self_attn
+        return [attn.q_size, attn.kv_size, attn.kv_size]
+
+    def _check_all_loaded(self, loaded: set[str]) -> None:
+        missing = []
+        for name, _ in self.named_parameters():
+            proj = name.rsplit(".", 2)[-2]
+            parts = 3 if proj == "qkv_proj" else 2 if proj == "gate_up_proj" else 0
+            keys = [f"{name}#{i}" for i in range(parts)] if parts else [name]
+            missing += [k for k in keys if k not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:5])}")

@@ -1,0 +1,117 @@
+"""The engine on tiny random models: exactly what transformers' greedy `generate` produces,
+whatever the batching: alone, all at once, staggered, chunked, from the prefix cache, preempted."""
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+from serve_apps.engine.sampling_params import SamplingParams
+
+VOCAB = 512
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              eos_token_id=VOCAB - 1, bos_token_id=0)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
+    "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=False),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def tiny_model(request, tmp_path_factory, smollm2_dir):
+    """A random model of each family, saved as a HF folder (SmolLM2's tokenizer files, unused)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[request.param]())
+    with torch.no_grad():  # sharpen the random logits so greedy choices are far from ties
+        model.get_output_embeddings().weight.mul_(4)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((smollm2_dir / name).read_bytes())
+    return path
+
+
+def prompts(n, seed=0, shared_prefix=40):
+    rng = random.Random(seed)
+    prefix = [rng.randrange(1, VOCAB - 1) for _ in range(shared_prefix)]
+    out = []
+    for i in range(n):
+        body = [rng.randrange(1, VOCAB - 1) for _ in range(rng.randrange(3, 60))]
+        out.append(prefix + body if i % 2 else body)
+    return out
+
+
+def hf_greedy(path, prompt_list, max_tokens):
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    outputs = []
+    for ids in prompt_list:
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+        outputs.append(generated[0, len(ids):].tolist())
+    return outputs
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("engine_config", [
+    EngineConfig(num_blocks=256, block_size=8),
+    EngineConfig(num_blocks=256, block_size=4, max_num_batched_tokens=16),  # chunked prefill
+    EngineConfig(num_blocks=24, block_size=8, max_num_batched_tokens=64),  # forced preemption
+], ids=["batched", "chunked", "preempting"])
+def test_greedy_equals_transformers(tiny_model, engine_config):
+    prompt_list = prompts(10)
+    expected = hf_greedy(tiny_model, prompt_list, GREEDY.max_tokens)
+    engine = LLMEngine(tiny_model, engine_config)
+    assert [o.token_ids for o in engine.generate(prompt_list, GREEDY)] == expected
+    # again: now every shared prefix comes from the cache
+    assert [o.token_ids for o in engine.generate(prompt_list, GREEDY)] == expected
+    assert engine.kv_cache.stats.hit_tokens > 0
+    if engine_config.num_blocks == 24:
+        assert engine.scheduler.num_preemptions > 0
+    assert engine.kv_cache.num_free_blocks == engine_config.num_blocks
+
+
+def test_staggered_arrivals_and_aborts(tiny_model):
+    prompt_list = prompts(8, seed=3)
+    expected = hf_greedy(tiny_model, prompt_list, GREEDY.max_tokens)
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=32))
+    finished, pending = {}, list(enumerate(prompt_list))
+    doomed = engine.add_request(prompt_list[0], GREEDY, request_id="doomed")
+    while pending or engine.has_unfinished_requests():
+        if pending:
+            i, ids = pending.pop(0)
+            engine.add_request(ids, GREEDY, request_id=f"p{i}")
+        for output in engine.step():
+            if output.request_id == doomed and len(output.token_ids) == 3:
+                engine.abort(doomed)
+            elif output.finished:
+                finished[output.request_id] = output.token_ids
+    assert [finished[f"p{i}"] for i in range(len(prompt_list))] == expected
+    assert "doomed" not in finished
+    assert engine.kv_cache.num_free_blocks == 128
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny_model):
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks=128, block_size=4))
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = engine.generate([prompts(1, seed=5)[0]], seeded)[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True)
+    engine.add_request(prompts(3, seed=6)[1], others)
+    crowded = engine.generate([prompts(1, seed=5)[0]], seeded)[0].token_ids
+    engine.add_request(prompts(3, seed=7)[2], others)
+    assert alone == crowded
+    other_seed = engine.generate([prompts(1, seed=5)[0]], seeded.model_copy(update={"seed": 99}))[0].token_ids
+    assert other_seed != alone
+
+
+def test_bad_requests_are_refused_before_anything_is_allocated(tiny_model):
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks=16, block_size=4))
+    with pytest.raises(ValueError, match="prompt: 300 tokens leave no room in the context of 256"):
+        engine.add_request(list(range(1, 301)))
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
+        engine.add_request(list(range(1, 100)))
+    assert not engine.has_unfinished_requests() and engine.kv_cache.num_free_blocks == 16
