@@ -48,3 +48,19 @@ def test_greedy_tokens_and_logprobs_equal_transformers(smollm2_dir, prompt_ids, 
         assert output.token_ids == tokens
         np.testing.assert_allclose([s.logprob for s in output.logprobs], logprobs, atol=1e-3)
     assert engine.kv_cache.num_free_blocks == 400
+
+
+def test_stop_strings_and_streamed_text(smollm2_dir):
+    engine = LLMEngine(smollm2_dir, EngineConfig(num_blocks=64))
+    prompt = "The capital of France is"
+    full = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
+    assert full.text.startswith(" Paris")
+    stop_at = full.text[full.text.index("Paris") + 5 :][:2]  # whatever follows "Paris"
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, stop=[stop_at]), request_id="s")
+    pieces, last = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            pieces.append(out.new_text)
+            last = out
+    assert last.finished and last.finish_reason == "stop"
+    assert "".join(pieces) == last.text == full.text[: full.text.index(stop_at)]

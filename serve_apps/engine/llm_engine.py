@@ -11,6 +11,7 @@ from pydantic import Field
 from transformers import AutoTokenizer
 
 from cluster.config import StrictConfig
+from serve_apps.engine.detokenizer import IncrementalDetokenizer
 from serve_apps.engine.kv_cache_manager import KVCacheManager
 from serve_apps.engine.model_runner import ModelRunner, kv_block_bytes, load_model
 from serve_apps.engine.request import Request, Status
@@ -38,6 +39,8 @@ class RequestOutput:
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)  # all outputs so far
     logprobs: list[SampledToken] = field(default_factory=list)  # all outputs so far
+    new_text: str = ""  # safe to stream: whole characters, never part of a stop string
+    text: str = ""  # all text so far
 
 
 class LLMEngine:
@@ -57,6 +60,7 @@ class LLMEngine:
         self.eos_token_ids = {model_config.eos_token_id} if isinstance(model_config.eos_token_id, int) \
             else set(model_config.eos_token_id or [])
         self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
@@ -69,6 +73,7 @@ class LLMEngine:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        self.detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
         self.scheduler.add(request)
         return request.request_id
 
@@ -82,10 +87,9 @@ class LLMEngine:
             raise ValueError(f"prompt: {len(token_ids)} tokens do not fit the KV cache ({capacity} tokens)")
 
     def abort(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is not None:
-            self.scheduler.finish(request, Status.FINISHED_ABORT)
-            self.sampler.forget(request_id)
+            self._finish(request, Status.FINISHED_ABORT)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -107,13 +111,20 @@ class LLMEngine:
         request.output_logprobs.append(token)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        reason = self._finish_reason(request, token.token_id)
+        detokenizer = self.detokenizers[request.request_id]
+        detokenizer.push(token.token_id)
+        reason = Status.FINISHED_STOP if detokenizer.stopped else self._finish_reason(request, token.token_id)
         if reason is not None:
-            self.scheduler.finish(request, reason)
-            self.requests.pop(request.request_id, None)
-            self.sampler.forget(request.request_id)
+            self._finish(request, reason)
         return RequestOutput(request.request_id, [token.token_id], reason is not None,
-                             reason.value if reason else None, request.output_token_ids, request.output_logprobs)
+                             reason.value if reason else None, request.output_token_ids, request.output_logprobs,
+                             detokenizer.take_new_text(finished=reason is not None), detokenizer.text)
+
+    def _finish(self, request: Request, status: Status) -> None:
+        self.scheduler.finish(request, status)
+        self.requests.pop(request.request_id, None)
+        self.detokenizers.pop(request.request_id, None)
+        self.sampler.forget(request.request_id)
 
     def _finish_reason(self, request: Request, token_id: int) -> Status | None:
         params = request.params
