@@ -115,3 +115,36 @@ def test_bad_requests_are_refused_before_anything_is_allocated(tiny_model):
     with pytest.raises(ValueError, match="do not fit the KV cache"):
         engine.add_request(list(range(1, 100)))
     assert not engine.has_unfinished_requests() and engine.kv_cache.num_free_blocks == 16
+
+
+def test_async_streams_match_the_sync_engine_and_cancel_frees_blocks(tiny_model):
+    import asyncio
+
+    from serve_apps.engine.async_engine import AsyncLLMEngine
+
+    prompt_list = prompts(6, seed=11)
+    expected = hf_greedy(tiny_model, prompt_list, GREEDY.max_tokens)
+    engine = AsyncLLMEngine(LLMEngine(tiny_model, EngineConfig(num_blocks=128, block_size=4)))
+
+    async def collect(ids):
+        tokens = []
+        async for output in engine.generate(ids, GREEDY):
+            tokens += output.new_token_ids
+        return tokens
+
+    async def cancelled_after_two_tokens():
+        seen = 0
+        async for _ in engine.generate(prompt_list[0], GREEDY.model_copy(update={"max_tokens": 200})):
+            seen += 1
+            if seen == 2:
+                break  # the consumer goes away, like a disconnected HTTP client
+
+    async def main():
+        results = await asyncio.gather(cancelled_after_two_tokens(), *(collect(ids) for ids in prompt_list))
+        await asyncio.sleep(0.05)  # the loop applies the abort before its next step
+        await engine.shutdown()
+        return results[1:]
+
+    assert asyncio.run(main()) == expected
+    assert not engine.engine.has_unfinished_requests()
+    assert engine.engine.kv_cache.num_free_blocks == 128
