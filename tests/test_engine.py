@@ -148,3 +148,19 @@ def test_async_streams_match_the_sync_engine_and_cancel_frees_blocks(tiny_model)
     assert asyncio.run(main()) == expected
     assert not engine.engine.has_unfinished_requests()
     assert engine.engine.kv_cache.num_free_blocks == 128
+
+
+def test_engine_metrics_use_the_shared_names(tiny_model):
+    from cluster import metrics as names
+
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks=128, block_size=4))
+    prompt_list = prompts(4, seed=2)
+    engine.generate(prompt_list + prompt_list, GREEDY)
+    sink = engine.metrics.sink
+    assert len(sink.observations[names.TIME_TO_FIRST_TOKEN.name]) == 8
+    assert len(sink.observations[names.INTER_TOKEN_LATENCY.name]) == 8 * (GREEDY.max_tokens - 1)
+    assert len(sink.observations[names.QUEUE_TIME.name]) == 8
+    assert sink.totals[names.GENERATION_TOKENS.name] == 8 * GREEDY.max_tokens
+    assert sink.totals[names.PROMPT_TOKENS.name] == 2 * sum(map(len, prompt_list))
+    assert sink.totals[names.PREFIX_CACHE_HITS.name] == engine.kv_cache.stats.hit_tokens > 0
+    assert sink.gauges[names.REQUESTS_RUNNING.name] == 0 and sink.gauges[names.KV_CACHE_USAGE.name] == 0

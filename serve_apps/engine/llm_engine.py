@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from cluster.config import StrictConfig
 from serve_apps.engine.detokenizer import IncrementalDetokenizer
 from serve_apps.engine.kv_cache_manager import KVCacheManager
+from serve_apps.engine.metrics import EngineMetrics
 from serve_apps.engine.model_runner import ModelRunner, kv_block_bytes, load_model
 from serve_apps.engine.request import Request, Status
 from serve_apps.engine.sampler import SampledToken, Sampler
@@ -44,7 +45,7 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, metrics_sink=None):
         self.config = config or EngineConfig()
         dtype = getattr(torch, self.config.dtype)
         self.model = load_model(Path(model_path), dtype)
@@ -57,6 +58,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
         self.sampler = Sampler()
+        self.metrics = EngineMetrics(metrics_sink)
+        self._counted = (0, 0, 0)  # prefix queried, prefix hits, preemptions already reported
         self.eos_token_ids = {model_config.eos_token_id} if isinstance(model_config.eos_token_id, int) \
             else set(model_config.eos_token_id or [])
         self.requests: dict[str, Request] = {}
@@ -104,13 +107,23 @@ class LLMEngine:
         sampling = [s.request for s in out.scheduled if s.completes_sequence]
         sampled = self.sampler(logits, sampling)
         self.scheduler.commit(out)
-        return [self._update(request, token) for request, token in zip(sampling, sampled)]
+        outputs = [self._update(request, token) for request, token in zip(sampling, sampled)]
+        self._record_step()
+        return outputs
+
+    def _record_step(self) -> None:
+        stats, scheduler = self.kv_cache.stats, self.scheduler
+        now = (stats.queried_tokens, stats.hit_tokens, scheduler.num_preemptions)
+        deltas = [a - b for a, b in zip(now, self._counted)]
+        self._counted = now
+        self.metrics.on_step(len(scheduler.running), len(scheduler.waiting), self.kv_cache.usage, *deltas)
 
     def _update(self, request: Request, token: SampledToken) -> RequestOutput:
         request.token_ids.append(token.token_id)
         request.output_logprobs.append(token)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
+        self.metrics.on_token(request)
         detokenizer = self.detokenizers[request.request_id]
         detokenizer.push(token.token_id)
         reason = Status.FINISHED_STOP if detokenizer.stopped else self._finish_reason(request, token.token_id)
@@ -122,6 +135,8 @@ class LLMEngine:
 
     def _finish(self, request: Request, status: Status) -> None:
         self.scheduler.finish(request, status)
+        if status is not Status.FINISHED_ABORT:
+            self.metrics.on_finish(request)
         self.requests.pop(request.request_id, None)
         self.detokenizers.pop(request.request_id, None)
         self.sampler.forget(request.request_id)

@@ -13,6 +13,7 @@ in the whole cache is refused when it is added: no deadlock.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -91,6 +92,8 @@ class Scheduler:
             self.kv.record_prefix_lookup(len(request.token_ids), num_cached)
             request.num_computed_tokens = num_cached
             request.status = Status.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(self.waiting.popleft())
             out.scheduled.append(Scheduled.of(request, num_new))
             budget -= num_new

@@ -1,0 +1,56 @@
+"""Metric names, defined once: the engine and router export them, the dashboards read them.
+
+Each is a MetricSpec; `ray_metric` turns one into the ray.util.metrics object a Serve replica
+exports, which Ray publishes on its Prometheus endpoint with a `ray_` prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    boundaries: tuple[float, ...] = ()
+    tag_keys: tuple[str, ...] = ("model",)
+
+
+def _latency(name: str, description: str) -> MetricSpec:
+    return MetricSpec(name, "histogram", description, LATENCY_BUCKETS_S)
+
+
+TIME_TO_FIRST_TOKEN = _latency("rayfoundry_engine_time_to_first_token_seconds", "Arrival to first output token.")
+INTER_TOKEN_LATENCY = _latency("rayfoundry_engine_inter_token_latency_seconds", "Between consecutive output tokens.")
+END_TO_END_LATENCY = _latency("rayfoundry_engine_e2e_latency_seconds", "Arrival to finish.")
+QUEUE_TIME = _latency("rayfoundry_engine_queue_time_seconds", "Arrival to first scheduled.")
+PROMPT_TOKENS = MetricSpec("rayfoundry_engine_prompt_tokens_total", "counter", "Prompt tokens of finished requests.")
+GENERATION_TOKENS = MetricSpec("rayfoundry_engine_generation_tokens_total", "counter", "Tokens generated.")
+REQUESTS_RUNNING = MetricSpec("rayfoundry_engine_requests_running", "gauge", "Requests being computed.")
+REQUESTS_WAITING = MetricSpec("rayfoundry_engine_requests_waiting", "gauge", "Requests queued.")
+KV_CACHE_USAGE = MetricSpec("rayfoundry_engine_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use.")
+PREFIX_CACHE_QUERIES = MetricSpec("rayfoundry_engine_prefix_cache_queried_tokens_total", "counter",
+                                  "Prompt tokens looked up in the prefix cache.")
+PREFIX_CACHE_HITS = MetricSpec("rayfoundry_engine_prefix_cache_hit_tokens_total", "counter",
+                               "Prompt tokens found in the prefix cache.")
+PREEMPTIONS = MetricSpec("rayfoundry_engine_preemptions_total", "counter", "Requests preempted for recompute.")
+
+ENGINE_METRICS = (
+    TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, END_TO_END_LATENCY, QUEUE_TIME, PROMPT_TOKENS, GENERATION_TOKENS,
+    REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_USAGE, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS,
+)
+
+
+def ray_metric(spec: MetricSpec):
+    """The ray.util.metrics object for `spec` (create once per process and reuse)."""
+    from ray.util import metrics
+
+    if spec.kind == "counter":
+        return metrics.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
+    if spec.kind == "gauge":
+        return metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
+    return metrics.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
