@@ -1,0 +1,1 @@
+"""Benchmark helpers: workloads, peers measured in the same run, machine limits, reports."""

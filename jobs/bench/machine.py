@@ -1,0 +1,30 @@
+"""This machine's limits, measured in the same run as the benchmark they put in context."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """fp32 matrix-multiply throughput: what the cores can compute at best."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / _best_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def weight_streaming_gbps(num_floats: int = 64 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a matrix-vector product over a matrix far larger than cache: batch-1 decode's limit."""
+    rows = 4096
+    matrix = torch.randn(rows, num_floats // rows)
+    vector = torch.randn(num_floats // rows)
+    return matrix.numel() * 4 / _best_seconds(lambda: matrix @ vector, repeats) / 1e9

@@ -1,0 +1,55 @@
+"""Benchmark results: a printed table, Parquet, Markdown and a PNG, stored as one result artifact."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.store import Store
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        if value is None:
+            return "—"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_throughput(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(scenarios)), 4))
+    width = 0.8 / len(engines)
+    for i, engine in enumerate(engines):
+        values = [next((r["tokens_per_s"] for r in rows if r["engine"] == engine and r["scenario"] == s), 0)
+                  for s in scenarios]
+        ax.bar([x + i * width for x in range(len(scenarios))], values, width, label=engine)
+    ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(scenarios))], scenarios)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def store_results(name: str, rows: list[dict], markdown: str, title: str, store: Store) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
+        (out / "results.md").write_text(markdown + "\n")
+        plot_throughput(rows, out / "throughput.png", title)
+        artifact = store.put_dir("results", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", out, {"source": name})
+    return artifact.uri
