@@ -264,6 +264,13 @@ def open_artifact(ref: str, kind: str, store: Store | None = None) -> Artifact:
     )
 
 
+def fetch(ref: str, kind: str, store: Store | None = None) -> Path:
+    """A verified local folder for a stored name, a path or a URI."""
+    artifact = open_artifact(ref, kind, store)
+    verify(artifact)
+    return local_copy(artifact)
+
+
 def _open_location(ref: str, kind: str) -> Artifact:
     try:
         fs, path = filesystem_for(ref)
@@ -291,6 +298,6 @@ def human_bytes(n: int) -> str:
 
 
 __all__ = [
-    "Artifact", "CorruptArtifact", "Store", "open_artifact", "verify", "local_copy",
+    "Artifact", "CorruptArtifact", "Store", "fetch", "open_artifact", "verify", "local_copy",
     "write_bytes_atomic", "human_bytes", "default_store_uri", "rayfoundry_home", "filesystem_for",
 ]

@@ -11,6 +11,7 @@ from pydantic import Field
 from transformers import AutoTokenizer
 
 from cluster.config import StrictConfig
+from cluster.store import fetch
 from serve_apps.engine.detokenizer import IncrementalDetokenizer
 from serve_apps.engine.kv_cache_manager import KVCacheManager
 from serve_apps.engine.metrics import EngineMetrics
@@ -45,8 +46,10 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, metrics_sink=None):
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, metrics_sink=None):
+        """`model`: a stored model's name, a folder or a URI (see cluster.store)."""
         self.config = config or EngineConfig()
+        model_path = fetch(str(model), "models")
         dtype = getattr(torch, self.config.dtype)
         self.model = load_model(Path(model_path), dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
