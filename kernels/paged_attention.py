@@ -53,6 +53,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
                     scale: float) -> torch.Tensor:
     """Ragged batch: decodes (query_len 1) go together in one call, prefill chunks one by one."""
+    if all(n == 1 for n in query_lens):  # the steady state: a pure decode batch
+        lens = torch.tensor(context_lens, device=query.device)
+        return decode_attention(query, k_cache, v_cache, block_tables, lens, scale)
     out = torch.empty_like(query)
     starts = [0]
     for n in query_lens:

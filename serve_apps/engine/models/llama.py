@@ -46,14 +46,19 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x: [T, H, D]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for a step's positions, shaped to broadcast over heads: once per step."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    @staticmethod
+    def apply(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # x: [T, H, D]
+        cos, sin = angles
         first, second = x.chunk(2, dim=-1)
         return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, config, rotary: Rotary, qkv_bias: bool):
+    def __init__(self, config, qkv_bias: bool):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -61,13 +66,12 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.rotary = rotary
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, positions, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, x, angles, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rotary(q.view(-1, self.num_heads, self.head_dim), positions)
-        k = self.rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        q = Rotary.apply(q.view(-1, self.num_heads, self.head_dim), angles)
+        k = Rotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), angles)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         write_kv_cache(k, v, *kv_cache, batch.slot_mapping)
         out = paged_attention(q, *kv_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale)
@@ -87,15 +91,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, rotary: Rotary, qkv_bias: bool):
+    def __init__(self, config, qkv_bias: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary, qkv_bias)
+        self.self_attn = Attention(config, qkv_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, batch, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, batch, kv_cache)
+    def forward(self, x, angles, batch, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), angles, batch, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,9 +121,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary = Rotary(head_dim, rope_theta(config), config.max_position_embeddings)
+        self.rotary = Rotary(head_dim, rope_theta(config), config.max_position_embeddings)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -127,8 +131,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, batch: AttentionBatch, kv_caches) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        angles = self.rotary.angles(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, batch, kv_cache)
+            x = layer(x, angles, batch, kv_cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
