@@ -35,9 +35,13 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
     return logits
 
 
+def _has_penalties(params) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+
+
 def _apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
     params = request.params
-    if params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty:
+    if not _has_penalties(params):
         return logits
     logits = logits.clone()
     seen = torch.tensor(request.token_ids, dtype=torch.long)
@@ -75,9 +79,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
         logprobs = logits.float().log_softmax(-1)
+        argmax = logits.argmax(-1).tolist()  # one call for the whole batch: most requests are greedy
         out = []
         for row, request in enumerate(requests):
-            token = self._choose(logits[row].float(), request)
+            plain_greedy = request.params.is_greedy and not _has_penalties(request.params)
+            token = argmax[row] if plain_greedy else self._choose(logits[row].float(), request)
             top = None
             if request.params.logprobs:
                 values, ids = logprobs[row].topk(request.params.logprobs)
