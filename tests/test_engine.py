@@ -164,3 +164,25 @@ def test_engine_metrics_use_the_shared_names(tiny_model):
     assert sink.totals[names.PROMPT_TOKENS.name] == 2 * sum(map(len, prompt_list))
     assert sink.totals[names.PREFIX_CACHE_HITS.name] == engine.kv_cache.stats.hit_tokens > 0
     assert sink.gauges[names.REQUESTS_RUNNING.name] == 0 and sink.gauges[names.KV_CACHE_USAGE.name] == 0
+
+
+def test_thousand_random_requests_with_aborts_free_every_block(tiny_model):
+    rng = random.Random(4)
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks=48, block_size=4, max_num_seqs=16,
+                                                max_num_batched_tokens=48))
+    shared = [rng.randrange(1, VOCAB - 1) for _ in range(12)]
+    live = []
+    for i in range(1000):
+        prompt = shared[: rng.randrange(0, 13)] + [rng.randrange(1, VOCAB - 1) for _ in range(rng.randrange(1, 24))]
+        params = SamplingParams(temperature=rng.choice([0.0, 0.9]), seed=i, max_tokens=rng.randrange(1, 10))
+        live.append(engine.add_request(prompt, params))
+        if rng.random() < 0.25:
+            engine.abort(rng.choice(live))
+        for _ in range(rng.randrange(0, 3)):
+            engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_cache.num_free_blocks == 48
+    assert all(block.ref_count == 0 for block in engine.kv_cache.pool.blocks)
+    assert engine.scheduler.num_preemptions > 0 and engine.kv_cache.stats.hit_tokens > 0
+    assert not engine.requests and not engine.detokenizers
