@@ -18,7 +18,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from cluster.config import StrictConfig, load_config
-from cluster.errors import UserError, reports_user_errors
+from cluster.errors import reports_user_errors
 from cluster.store import Store, human_bytes, verify
 from jobs.data.shards import ROW_TOKENS, token_stream, write_shards
 from jobs.data.sources import Source, read_documents

@@ -47,7 +47,7 @@ def hf_one_at_a_time(model, scenario: str, prompts: list[list[int]], max_tokens:
 @torch.inference_mode()
 def hf_padded_batch(model, scenario: str, prompts: list[list[int]], max_tokens: int) -> Measured:
     assert len({len(p) for p in prompts}) == 1, "equal-length prompts: no padding to skew the comparison"
-    clock, start = _TokenClock(), time.perf_counter()
+    start = time.perf_counter()
     out = model.generate(torch.tensor(prompts), **_greedy(max_tokens))
     seconds = time.perf_counter() - start
     return Measured("hf-generate-padded-batch", scenario, len(prompts), len(prompts),

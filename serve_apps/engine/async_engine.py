@@ -30,9 +30,8 @@ class AsyncLLMEngine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; cancelling the consumer aborts the request."""
         request_id = request_id or f"async-{next(self._ids)}"
-        token_ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False) \
-            if isinstance(prompt, str) else list(prompt)
-        self.engine._check_fits(token_ids)  # bad input fails here, before anything is queued
+        token_ids = self.engine.tokenize(prompt)
+        self.engine.check_prompt(token_ids)  # bad input fails here, before anything is queued
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = asyncio.Queue()

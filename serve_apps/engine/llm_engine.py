@@ -19,7 +19,7 @@ from serve_apps.engine.model_runner import ModelRunner, kv_block_bytes, load_mod
 from serve_apps.engine.request import Request, Status
 from serve_apps.engine.sampler import SampledToken, Sampler
 from serve_apps.engine.sampling_params import SamplingParams
-from serve_apps.engine.scheduler import Scheduler, SchedulerOutput
+from serve_apps.engine.scheduler import Scheduler
 
 
 class EngineConfig(StrictConfig):
@@ -73,8 +73,8 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
-        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        self._check_fits(token_ids)
+        token_ids = self.tokenize(prompt)
+        self.check_prompt(token_ids)
         request = Request(request_id or f"req-{next(self._ids)}", token_ids, params)
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
@@ -83,7 +83,11 @@ class LLMEngine:
         self.scheduler.add(request)
         return request.request_id
 
-    def _check_fits(self, token_ids: list[int]) -> None:
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        """Refuse, before anything is allocated, a prompt that cannot be served."""
         if not token_ids:
             raise ValueError("prompt: must contain at least one token")
         if len(token_ids) >= self.max_model_len:
@@ -154,7 +158,10 @@ class LLMEngine:
 
     # -- synchronous use, for jobs -------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
-        ids = [self.add_request(p, params) for p in prompts]
+        token_lists = [self.tokenize(p) for p in prompts]
+        for token_ids in token_lists:  # all or nothing: no half of a batch left queued
+            self.check_prompt(token_ids)
+        ids = [self.add_request(t, params) for t in token_lists]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for output in self.step():
@@ -163,4 +170,4 @@ class LLMEngine:
         return [final[i] for i in ids]
 
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "SchedulerOutput"]
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
