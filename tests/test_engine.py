@@ -186,3 +186,18 @@ def test_thousand_random_requests_with_aborts_free_every_block(tiny_model):
     assert all(block.ref_count == 0 for block in engine.kv_cache.pool.blocks)
     assert engine.scheduler.num_preemptions > 0 and engine.kv_cache.stats.hit_tokens > 0
     assert not engine.requests and not engine.detokenizers
+
+
+def test_prompt_logprobs_equal_transformers_across_chunks(tiny_model):
+    prompt_list = prompts(3, seed=8)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=16))
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    engine.generate(prompt_list, GREEDY)  # fill the prefix cache: prompt logprobs must not use it
+    for ids, output in zip(prompt_list, engine.generate(prompt_list, params)):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        assert [p.token_id for p in output.prompt_logprobs] == ids[1:]
+        torch.testing.assert_close(torch.tensor([p.logprob for p in output.prompt_logprobs]),
+                                   expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0], atol=1e-4, rtol=0)
+        assert all(len(p.top_logprobs) == 2 for p in output.prompt_logprobs)

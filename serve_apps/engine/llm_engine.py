@@ -43,6 +43,7 @@ class RequestOutput:
     logprobs: list[SampledToken] = field(default_factory=list)  # all outputs so far
     new_text: str = ""  # safe to stream: whole characters, never part of a stop string
     text: str = ""  # all text so far
+    prompt_logprobs: list | None = None  # PromptLogprob per prompt token after the first, if asked
 
 
 class LLMEngine:
@@ -109,10 +110,13 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits = self.runner.execute(out, {s.request.request_id: self.kv_cache.block_ids(s.request.request_id)
-                                           for s in out.scheduled})
+        step = self.runner.execute(out, {s.request.request_id: self.kv_cache.block_ids(s.request.request_id)
+                                         for s in out.scheduled})
+        for request_id, (start, logprobs) in step.prompt_logprobs.items():
+            # by position: a preempted request recomputes its prompt and must not count it twice
+            self.requests[request_id].prompt_logprobs[start:] = logprobs
         sampling = [s.request for s in out.scheduled if s.completes_sequence]
-        sampled = self.sampler(logits, sampling)
+        sampled = self.sampler(step.sample_logits, sampling)
         self.scheduler.commit(out)
         outputs = [self._update(request, token) for request, token in zip(sampling, sampled)]
         self._record_step()
@@ -138,7 +142,8 @@ class LLMEngine:
             self._finish(request, reason)
         return RequestOutput(request.request_id, [token.token_id], reason is not None,
                              reason.value if reason else None, request.output_token_ids, request.output_logprobs,
-                             detokenizer.take_new_text(finished=reason is not None), detokenizer.text)
+                             detokenizer.take_new_text(finished=reason is not None), detokenizer.text,
+                             request.prompt_logprobs if request.params.prompt_logprobs is not None else None)
 
     def _finish(self, request: Request, status: Status) -> None:
         self.scheduler.finish(request, status)

@@ -1,6 +1,7 @@
 """Loads a model, owns its KV cache tensors, and runs one forward per step."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,6 +10,20 @@ from transformers import AutoConfig
 
 from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
 from serve_apps.engine.scheduler import SchedulerOutput
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None
+
+
+@dataclass
+class StepLogits:
+    sample_logits: torch.Tensor  # [N, vocab], one row per request that samples this step
+    # request id -> (first prompt position computed this step, its logprobs onward)
+    prompt_logprobs: dict[str, tuple[int, list[PromptLogprob]]]
+
 
 ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
 
@@ -70,10 +85,33 @@ class ModelRunner:
         return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), batch
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> torch.Tensor:
-        """Logits [N, vocab] at the last token of each request that samples this step."""
+    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepLogits:
+        """Logits at the last token of each request that samples this step, and the prompt
+        logprobs of requests that asked for them."""
         input_ids, positions, batch = self._prepare(out, block_ids)
         hidden = self.model(input_ids, positions, batch, self.kv_caches)
-        last_rows = torch.tensor(batch.query_lens).cumsum(0) - 1
+        ends = torch.tensor(batch.query_lens).cumsum(0)
         samples = torch.tensor([item.completes_sequence for item in out.scheduled])
-        return self.model.compute_logits(hidden[last_rows[samples]])
+        sample_logits = self.model.compute_logits(hidden[(ends - 1)[samples]])
+        prompt = {}
+        for item, end in zip(out.scheduled, ends.tolist()):
+            if item.request.params.prompt_logprobs is not None and item.start < item.request.num_prompt_tokens:
+                logprobs = self._prompt_logprobs(item, hidden[end - item.num_new_tokens : end])
+                prompt[item.request.request_id] = (item.start, logprobs)
+        return StepLogits(sample_logits, prompt)
+
+    def _prompt_logprobs(self, item, hidden: torch.Tensor) -> list[PromptLogprob]:
+        """For each prompt token this step computed, the logprob of the prompt token after it."""
+        request = item.request
+        stop = min(item.start + item.num_new_tokens, request.num_prompt_tokens - 1)
+        if stop <= item.start:
+            return []
+        logprobs = self.model.compute_logits(hidden[: stop - item.start]).float().log_softmax(-1)
+        targets = torch.tensor(request.prompt_token_ids[item.start + 1 : stop + 1])
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top_n = request.params.prompt_logprobs
+        tops = [None] * len(chosen)
+        if top_n:
+            values, ids = logprobs.topk(top_n, dim=-1)
+            tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return [PromptLogprob(t, c, top) for t, c, top in zip(targets.tolist(), chosen, tops)]

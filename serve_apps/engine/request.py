@@ -35,6 +35,7 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     output_logprobs: list = field(default_factory=list)  # one SampledToken per output token
+    prompt_logprobs: list = field(default_factory=list)  # PromptLogprob per prompt token after the first
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

@@ -84,7 +84,9 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            hits = self.kv.find_cached_prefix(request.token_ids)
+            # Prompt logprobs need every prompt position computed, so such requests skip the cache.
+            wants_prompt_logprobs = request.params.prompt_logprobs is not None
+            hits = [] if wants_prompt_logprobs else self.kv.find_cached_prefix(request.token_ids)
             num_cached = len(hits) * self.kv.block_size
             num_new = min(len(request.token_ids) - num_cached, budget)
             if not self.kv.allocate(request.request_id, num_cached + num_new, hits):
