@@ -266,8 +266,14 @@ def open_artifact(ref: str, kind: str, store: Store | None = None) -> Artifact:
 
 def fetch(ref: str, kind: str, store: Store | None = None) -> Path:
     """A verified local folder for a stored name, a path or a URI."""
-    artifact = open_artifact(ref, kind, store)
-    verify(artifact)
+    return materialize(open_artifact(ref, kind, store))
+
+
+def materialize(artifact: Artifact) -> Path:
+    """A local folder with the artifact's files, checked against its manifest exactly once:
+    in place when local, as the download is made when remote."""
+    if is_local(artifact.fs):
+        verify(artifact)
     return local_copy(artifact)
 
 
@@ -298,6 +304,6 @@ def human_bytes(n: int) -> str:
 
 
 __all__ = [
-    "Artifact", "CorruptArtifact", "Store", "fetch", "open_artifact", "verify", "local_copy",
+    "Artifact", "CorruptArtifact", "Store", "fetch", "materialize", "open_artifact", "verify", "local_copy",
     "write_bytes_atomic", "human_bytes", "default_store_uri", "rayfoundry_home", "filesystem_for",
 ]

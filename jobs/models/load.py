@@ -9,20 +9,20 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from cluster.errors import UserError
-from cluster.store import Artifact, Store, local_copy, open_artifact, verify
+from cluster.store import Artifact, Store, materialize, open_artifact
 
 
 def open_model(ref: str, store: Store | None = None) -> Artifact:
-    """The model `ref` names, its files checked against the manifest when it has one."""
+    """The model `ref` names; it must be a Hugging Face folder."""
     artifact = open_artifact(ref, "models", store)
     if artifact.fs.get_file_info(artifact.file_path("config.json")).type != pafs.FileType.File:
         raise UserError(f"{ref} is not a Hugging Face model folder (no config.json)")
-    verify(artifact)
     return artifact
 
 
 def model_dir(ref: str, store: Store | None = None) -> Path:
-    return local_copy(open_model(ref, store))
+    """A local, verified copy of the model's folder."""
+    return materialize(open_model(ref, store))
 
 
 def context_length(path: Path) -> int:
