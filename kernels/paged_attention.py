@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache: torch reference (CPU and any device).
+"""Attention over a paged KV cache: the torch reference, with the C++ decode kernel
+(kernels/csrc) on CPU and the Triton kernel (kernels/triton_paged_attention.py) on CUDA.
 
 Layout: k_cache, v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's
 tokens live in the blocks its block table lists, in order. A batch is ragged: sequence i
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kernels.cpu_ops import native_ops
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -29,6 +32,14 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence, all sequences in one batched call. query: [B, Hq, D]."""
+    if query.device.type == "cpu" and query.dtype == torch.float32 and (ops := native_ops()) is not None:
+        return ops.decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+    return decode_attention_reference(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def decode_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The torch reference: gather each sequence's blocks, then one masked SDPA."""
     keys, values = _gather(k_cache, block_tables), _gather(v_cache, block_tables)
     positions = torch.arange(keys.shape[2], device=query.device)
     mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
@@ -54,7 +65,12 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
                     scale: float) -> torch.Tensor:
-    """Ragged batch: decodes (query_len 1) go together in one call, prefill chunks one by one."""
+    """Ragged batch: decodes (query_len 1) go together in one call, prefill chunks one by one.
+    On CUDA the whole batch goes to the Triton kernel."""
+    if query.device.type == "cuda":
+        from kernels.triton_paged_attention import paged_attention_triton  # Triton only where it runs
+
+        return paged_attention_triton(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
     if all(n == 1 for n in query_lens):  # the steady state: a pure decode batch
         lens = torch.tensor(context_lens, device=query.device)
         return decode_attention(query, k_cache, v_cache, block_tables, lens, scale)

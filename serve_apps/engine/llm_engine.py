@@ -31,6 +31,8 @@ class EngineConfig(StrictConfig):
     max_model_len: int | None = Field(None, ge=2, description="default: the model's context")
     enable_prefix_caching: bool = True
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    prepack_weights: bool = Field(True, description="CPU: linear weights also kept in oneDNN's layout; "
+                                                    "faster batched decode and prefill, twice the weight memory")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)  # all outputs so far
-    logprobs: list[SampledToken] = field(default_factory=list)  # all outputs so far
+    logprobs: list[SampledToken] = field(default_factory=list)  # all outputs so far, if logprobs asked
     new_text: str = ""  # safe to stream: whole characters, never part of a stop string
     text: str = ""  # all text so far
     prompt_logprobs: list | None = None  # PromptLogprob per prompt token after the first, if asked
@@ -52,7 +54,7 @@ class LLMEngine:
         self.config = config or EngineConfig()
         model_path = fetch(str(model), "models")
         dtype = getattr(torch, self.config.dtype)
-        self.model = load_model(Path(model_path), dtype)
+        self.model = load_model(Path(model_path), dtype, self.config.prepack_weights)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         model_config = self.model.config
         self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
@@ -131,7 +133,8 @@ class LLMEngine:
 
     def _update(self, request: Request, token: SampledToken) -> RequestOutput:
         request.token_ids.append(token.token_id)
-        request.output_logprobs.append(token)
+        if token.logprob is not None:
+            request.output_logprobs.append(token)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         self.metrics.on_token(request)

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from kernels.cpu_linear import prepack_linears
 from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
 from serve_apps.engine.scheduler import SchedulerOutput
 
@@ -28,7 +29,8 @@ class StepLogits:
 ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
 
 
-def load_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(path: Path, dtype: torch.dtype, prepack: bool = False) -> torch.nn.Module:
+    """The model with its Hugging Face weights; `prepack`: CPU linears in oneDNN's layout (faster, 2x weight memory)."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in ARCHITECTURES:
         raise ValueError(f"model type {config.model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -45,7 +47,10 @@ def load_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
                     yield name, f.get_tensor(name)
 
     model.load_weights(weights())
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if prepack:
+        prepack_linears(model)
+    return model
 
 
 def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:

@@ -15,7 +15,7 @@ from serve_apps.engine.request import Request
 @dataclass(frozen=True)
 class SampledToken:
     token_id: int
-    logprob: float
+    logprob: float | None  # only for requests that ask for logprobs (logprobs=0: the chosen token's)
     top_logprobs: dict[int, float] | None  # the n most likely tokens, when asked for
 
 
@@ -78,15 +78,23 @@ class Sampler:
         return int(torch.multinomial(logits.softmax(-1), 1, generator=self._generator(request)))
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        logprobs = logits.float().log_softmax(-1)
         argmax = logits.argmax(-1).tolist()  # one call for the whole batch: most requests are greedy
+        # A log-softmax over the vocabulary costs as much as the argmax: only rows that report logprobs pay it.
+        wanted = [row for row, request in enumerate(requests) if request.params.logprobs is not None]
+        logprobs = dict(zip(wanted, logits[wanted].float().log_softmax(-1))) if wanted else {}
         out = []
         for row, request in enumerate(requests):
             plain_greedy = request.params.is_greedy and not _has_penalties(request.params)
             token = argmax[row] if plain_greedy else self._choose(logits[row].float(), request)
-            top = None
-            if request.params.logprobs:
-                values, ids = logprobs[row].topk(request.params.logprobs)
-                top = dict(zip(ids.tolist(), values.tolist()))
-            out.append(SampledToken(token, float(logprobs[row, token]), top))
+            out.append(self._with_logprobs(token, logprobs.get(row), request.params.logprobs))
         return out
+
+    @staticmethod
+    def _with_logprobs(token: int, logprobs: torch.Tensor | None, top_n: int | None) -> SampledToken:
+        if logprobs is None:
+            return SampledToken(token, None, None)
+        top = None
+        if top_n:
+            values, ids = logprobs.topk(top_n)
+            top = dict(zip(ids.tolist(), values.tolist()))
+        return SampledToken(token, float(logprobs[token]), top)

@@ -1,0 +1,31 @@
+"""Our C++ CPU kernels (kernels/csrc), compiled on first use and cached per machine.
+
+torch.utils.cpp_extension builds them with this machine's compiler for this machine's CPU
+(-march=native) into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a later process
+loads the cached build in well under a second. If the build fails (no compiler, no ninja) the
+callers fall back to the torch reference, with one warning saying why.
+RAYFOUNDRY_NATIVE_KERNELS=0 turns them off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+SOURCES = [Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"]
+
+
+@functools.cache
+def native_ops():
+    """The compiled module, or None when disabled or unbuildable."""
+    if os.environ.get("RAYFOUNDRY_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load("rayfoundry_cpu_ops", [str(s) for s in SOURCES],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure means "use the reference"
+        warnings.warn(f"C++ CPU kernels unavailable, using the torch reference: {error}", stacklevel=2)
+        return None

@@ -1,0 +1,32 @@
+"""Prepacked linears give what nn.Linear gives, for every batch size the engine produces."""
+import pytest
+import torch
+from torch import nn
+
+from kernels.cpu_linear import PrepackedLinear, can_prepack, prepack_linears
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_prepacked_linear_equals_linear(dtype, bias):
+    assert can_prepack(dtype)
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 960, bias=bias).to(dtype)
+    packed = PrepackedLinear(linear)
+    with torch.inference_mode():
+        for rows in (1, 3, 4, 32, 300):  # both sides of the gemv threshold
+            x = torch.randn(rows, 576).to(dtype)
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 2e-2)
+        x = torch.randn(2, 7, 576).to(dtype)  # leading dims are kept
+        assert packed(x).shape == (2, 7, 960)
+
+
+def test_prepack_swaps_every_linear_and_keeps_tied_weights():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 10, bias=False))
+    model[3].weight = model[0].weight  # tied, as SmolLM2's lm_head and embeddings
+    assert prepack_linears(model) == 2
+    assert isinstance(model[1], PrepackedLinear) and model[3].weight is model[0].weight
+    with torch.inference_mode():
+        x = torch.randint(0, 10, (5,))
+        reference = model[0](x) @ model[1].weight.T + model[1].bias
+        torch.testing.assert_close(model[1](model[0](x)), reference)
