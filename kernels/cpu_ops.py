@@ -13,7 +13,8 @@ import os
 import warnings
 from pathlib import Path
 
-SOURCES = [Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("bindings.cpp", "paged_attention_cpu.cpp", "norm_rotary_cpu.cpp")]
 
 
 @functools.cache

@@ -1,8 +1,13 @@
 """Attention over a paged KV cache: the torch reference, with the C++ decode kernel
 (kernels/csrc) on CPU and the Triton kernel (kernels/triton_paged_attention.py) on CUDA.
 
-Layout: k_cache, v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's
-tokens live in the blocks its block table lists, in order. A batch is ragged: sequence i
+Layout (kv_cache_shapes): a sequence's tokens live in the blocks its block table lists, in
+order; within a block each KV head's keys are stored transposed, k_cache [num_blocks,
+num_kv_heads, head_dim, block_size], and its values row by row, v_cache [num_blocks,
+num_kv_heads, block_size, head_dim]. A kernel then scores a whole block of keys with
+head_dim multiply-adds over block_size-wide vectors, and sums values over contiguous rows,
+with no horizontal reductions (vLLM's paged attention lays its keys out in the same spirit).
+A batch is ragged: sequence i
 contributes query_lens[i] consecutive rows of `query` (a prefill chunk, or 1 for a decode) and
 attends causally to its first context_lens[i] cached tokens, its new ones included.
 """
@@ -14,19 +19,35 @@ import torch.nn.functional as F
 from kernels.cpu_ops import native_ops
 
 
+def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
+                    head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of one layer's (k_cache, v_cache)."""
+    return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, num_kv_heads, block_size, head_dim)
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Store new keys/values [T, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+    blocks, offsets = slot_mapping // v_cache.shape[2], slot_mapping % v_cache.shape[2]
+    k_cache[blocks, :, :, offsets] = key
+    v_cache[blocks, :, offsets] = value
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[B, max_blocks] block ids -> [B, heads, max_blocks * block_size, head_dim]."""
+def _gather_keys(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> keys [B, kv_heads, max_blocks * block_size, head_dim]."""
     batch, width = block_table.shape
-    # index_select on the flat block axis: about twice as fast on CPU as advanced indexing
-    gathered = cache.index_select(0, block_table.flatten())
-    return gathered.view(batch, width * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
+    _, heads, dim, block_size = k_cache.shape
+    # index_select on the block axis: about twice as fast on CPU as advanced indexing
+    gathered = k_cache.index_select(0, block_table.flatten()).view(batch, width, heads, dim, block_size)
+    return gathered.permute(0, 2, 1, 4, 3).reshape(batch, heads, width * block_size, dim)
+
+
+def _gather_values(v_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> values [B, kv_heads, max_blocks * block_size, head_dim]."""
+    batch, width = block_table.shape
+    _, heads, block_size, dim = v_cache.shape
+    gathered = v_cache.index_select(0, block_table.flatten()).view(batch, width, heads, block_size, dim)
+    return gathered.transpose(1, 2).reshape(batch, heads, width * block_size, dim)
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -40,7 +61,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def decode_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """The torch reference: gather each sequence's blocks, then one masked SDPA."""
-    keys, values = _gather(k_cache, block_tables), _gather(v_cache, block_tables)
+    keys, values = _gather_keys(k_cache, block_tables), _gather_values(v_cache, block_tables)
     positions = torch.arange(keys.shape[2], device=query.device)
     mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale,
@@ -52,8 +73,8 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
     """One sequence's chunk of q new tokens, the last q of its context_len. query: [q, Hq, D]."""
     num_query = query.shape[0]
-    keys = _gather(k_cache, block_table[None])[:, :, :context_len]
-    values = _gather(v_cache, block_table[None])[:, :, :context_len]
+    keys = _gather_keys(k_cache, block_table[None])[:, :, :context_len]
+    values = _gather_values(v_cache, block_table[None])[:, :, :context_len]
     query_positions = torch.arange(context_len - num_query, context_len, device=query.device)
     key_positions = torch.arange(context_len, device=query.device)
     mask = key_positions[None, :] <= query_positions[:, None]  # causal, offset by the cached part

@@ -1,8 +1,8 @@
 """Attention over the paged KV cache in Triton, for CUDA (and Triton's interpreter on CPU).
 
 Same contract as kernels.paged_attention.paged_attention: a ragged batch of prefill chunks and
-decodes, keys/values read in place through the block tables (layout [num_blocks, block_size,
-num_kv_heads, head_dim]). One program per (query token, KV head) computes the query heads of
+decodes, keys/values read in place through the block tables (layout: kv_cache_shapes there).
+One program per (query token, KV head) computes the query heads of
 that KV head's group together, with an online softmax over the token's visible context, one
 cache block per iteration. It is a decode-oriented kernel: long prefills want query tiling.
 """
@@ -16,7 +16,8 @@ import triton.language as tl
 @triton.jit
 def _paged_attention_kernel(
     query, k_cache, v_cache, out, block_tables, token_seq, token_visible, scale, table_width,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kb, stride_kh, stride_kd, stride_ks, stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -37,9 +38,10 @@ def _paged_attention_kernel(
     for start in range(0, visible, BLOCK_SIZE):
         block = tl.load(block_tables + seq * table_width + start // BLOCK_SIZE).to(tl.int64)
         in_context = start + offsets < visible
-        rows = block * stride_kb + offsets[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
-        keys = tl.load(k_cache + rows, mask=in_context[:, None], other=0.0).to(tl.float32)
-        values = tl.load(v_cache + rows, mask=in_context[:, None], other=0.0).to(tl.float32)
+        key_rows = block * stride_kb + kv_head * stride_kh + offsets[:, None] * stride_ks + dims[None, :] * stride_kd
+        value_rows = block * stride_vb + kv_head * stride_vh + offsets[:, None] * stride_vs + dims[None, :] * stride_vd
+        keys = tl.load(k_cache + key_rows, mask=in_context[:, None], other=0.0).to(tl.float32)
+        values = tl.load(v_cache + value_rows, mask=in_context[:, None], other=0.0).to(tl.float32)
         scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_SIZE]
         scores = tl.where(in_context[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=1))
@@ -58,7 +60,7 @@ def paged_attention_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                            scale: float) -> torch.Tensor:
     """query [T, Hq, D] -> [T, Hq, D]; see kernels.paged_attention for the batch layout."""
     num_tokens, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    _, num_kv_heads, _, block_size = k_cache.shape
     if head_dim & (head_dim - 1) or block_size & (block_size - 1):
         raise ValueError(f"the Triton kernel needs power-of-two head_dim and block_size, got {head_dim}, {block_size}")
     device = query.device
@@ -74,8 +76,7 @@ def paged_attention_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     group = num_heads // num_kv_heads
     _paged_attention_kernel[(num_tokens, num_kv_heads)](
         query, k_cache, v_cache, out, block_tables, token_seq, token_visible, scale, block_tables.shape[1],
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1),
+        query.stride(0), query.stride(1), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 2), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
     )
     return out

@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_ops import native_ops
-from kernels.paged_attention import decode_attention_reference, paged_attention, write_kv_cache
+from kernels.paged_attention import decode_attention_reference, kv_cache_shapes, paged_attention, write_kv_cache
 
 
 def test_ragged_batch_matches_dense_attention():
     torch.manual_seed(0)
     heads, kv_heads, dim, block_size, num_blocks = 4, 2, 8, 4, 64
-    k_cache = torch.zeros(num_blocks, block_size, kv_heads, dim)
-    v_cache = torch.zeros_like(k_cache)
+    k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(k_shape), torch.zeros(v_shape)
     free = torch.randperm(num_blocks).tolist()  # scattered blocks, as after much traffic
     sequences = [(9, 9), (13, 1), (6, 4), (20, 1)]  # (context length, new tokens this step)
     tables, queries, expected = [], [], []
@@ -40,8 +40,8 @@ def _scattered_cache(num_seqs, kv_heads, dim, block_size, lengths, seed):
     generator = torch.Generator().manual_seed(seed)
     width = -(-max(lengths) // block_size)
     num_blocks = num_seqs * width + 3
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, kv_heads, dim)
+    k_cache, v_cache = torch.randn(k_shape, generator=generator), torch.randn(v_shape, generator=generator)
     tables = torch.randperm(num_blocks, generator=generator)[: num_seqs * width].view(num_seqs, width)
     return k_cache, v_cache, tables
 

@@ -9,6 +9,8 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from kernels.cpu_linear import prepack_linears
+from kernels.memory import zeros_on_huge_pages
+from kernels.paged_attention import kv_cache_shapes
 from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
 from serve_apps.engine.scheduler import SchedulerOutput
 
@@ -66,8 +68,8 @@ class ModelRunner:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dtype = next(model.parameters()).dtype
-        shape = (num_blocks, block_size, config.num_key_value_heads, head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, config.num_key_value_heads, head_dim)
+        self.kv_caches = [(zeros_on_huge_pages(k_shape, dtype), zeros_on_huge_pages(v_shape, dtype))
                           for _ in range(config.num_hidden_layers)]
 
     def _prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]):

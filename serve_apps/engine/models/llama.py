@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fused_layers import add_rms_norm, rms_norm, rotary
 from kernels.paged_attention import paged_attention, write_kv_cache
 
 
@@ -32,8 +33,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x); with a residual: (rms_norm(residual + x), residual + x), fused."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -47,14 +51,8 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for a step's positions, shaped to broadcast over heads: once per step."""
-        return self.cos[positions][:, None], self.sin[positions][:, None]
-
-    @staticmethod
-    def apply(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # x: [T, H, D]
-        cos, sin = angles
-        first, second = x.chunk(2, dim=-1)
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        """cos and sin [T, head_dim / 2] for a step's positions: looked up once per step."""
+        return self.cos[positions], self.sin[positions]
 
 
 class Attention(nn.Module):
@@ -70,8 +68,8 @@ class Attention(nn.Module):
 
     def forward(self, x, angles, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = Rotary.apply(q.view(-1, self.num_heads, self.head_dim), angles)
-        k = Rotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), angles)
+        q = rotary(q.view(-1, self.num_heads, self.head_dim), *angles)
+        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), *angles)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         write_kv_cache(k, v, *kv_cache, batch.slot_mapping)
         out = paged_attention(q, *kv_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale)
@@ -98,9 +96,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, angles, batch, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), angles, batch, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, angles, batch, kv_cache):
+        """Pre-norm residual block, with each residual add fused into the norm after it:
+        takes and returns (sublayer output, residual stream); the first layer gets residual None."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, angles, batch, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 def rope_theta(config) -> float:
@@ -132,9 +137,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, batch: AttentionBatch, kv_caches) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         angles = self.rotary.angles(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, angles, batch, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, angles, batch, kv_cache)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

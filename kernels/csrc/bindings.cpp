@@ -1,0 +1,14 @@
+#include <torch/extension.h>
+
+torch::Tensor decode_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "paged decode attention (float32, CPU)");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) (in place)");
+  m.def("rms_norm", &rms_norm, "rms_norm(x) * weight");
+  m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
+}
