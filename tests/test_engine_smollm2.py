@@ -50,6 +50,27 @@ def test_greedy_tokens_and_logprobs_equal_transformers(smollm2_dir, prompt_ids, 
     assert engine.kv_cache.num_free_blocks == 400
 
 
+def test_staggered_arrivals_under_forced_preemption_equal_transformers(smollm2_dir, prompt_ids, expected):
+    """A pool of 150 blocks (2,400 tokens) for 20 requests of 6,800: the engine must preempt and
+    recompute, while requests keep arriving, and still give transformers' tokens and logprobs."""
+    engine = LLMEngine(smollm2_dir, EngineConfig(num_blocks=150, block_size=16, max_num_batched_tokens=256))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    pending = [(f"r{i}", ids) for i, ids in enumerate(prompt_ids)]
+    finished = {}
+    while pending or engine.has_unfinished_requests():
+        if pending:  # one new request per step
+            request_id, ids = pending.pop(0)
+            engine.add_request(ids, params, request_id=request_id)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert engine.scheduler.num_preemptions > 0
+    for i, (tokens, logprobs) in enumerate(expected):
+        assert finished[f"r{i}"].token_ids == tokens, f"prompt {i} ({len(prompt_ids[i])} tokens)"
+        np.testing.assert_allclose([s.logprob for s in finished[f"r{i}"].logprobs], logprobs, atol=1e-3)
+    assert engine.kv_cache.num_free_blocks == 150
+
+
 def test_stop_strings_and_streamed_text(smollm2_dir):
     engine = LLMEngine(smollm2_dir, EngineConfig(num_blocks=64))
     prompt = "The capital of France is"
