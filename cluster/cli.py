@@ -21,6 +21,7 @@ DELEGATED = {
     ("data", "prepare"): "jobs.prepare_data",
     ("eval", "ppl"): "jobs.eval_ppl",
 }
+SERVE_MODULE = "serve_apps.serve_run"  # `rayfoundry serve CONFIG`
 
 
 def run_job_module(module: str, argv: list[str]) -> int:
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show the local cluster").set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    sub.add_parser("serve", help=f"serve models from a Serve config until Ctrl-C (python -m {SERVE_MODULE})")
     groups = {
         "models": sub.add_parser("models", help="models in the store").add_subparsers(dest="action", required=True),
         "data": sub.add_parser("data", help="datasets in the store").add_subparsers(dest="action", required=True),
@@ -122,6 +124,8 @@ def delegated_module(argv: list[str]) -> str | None:
 
 @reports_user_errors("rayfoundry")
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        return run_job_module(SERVE_MODULE, argv[1:])
     module = delegated_module(argv)
     if module is not None:
         return run_job_module(module, argv[2:])

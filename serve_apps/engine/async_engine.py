@@ -79,6 +79,12 @@ class AsyncLLMEngine:
                 if stream is not None:
                     stream.put_nowait(output)
 
+    def check_health(self) -> None:
+        """Raise if the engine loop died (an exception escaped a step)."""
+        task = self._loop_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"engine loop died: {task.exception()!r}")
+
     async def shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()

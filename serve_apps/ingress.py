@@ -1,0 +1,254 @@
+"""The OpenAI-compatible HTTP front door: FastAPI routes that fan each request out to an
+LLMServer deployment (one stream per choice) and assemble the replies, streamed as OpenAI
+sends them (SSE `data:` chunks, optional usage, `data: [DONE]`) or whole.
+
+(No `from __future__ import annotations` here: FastAPI reads the route signatures' types. And
+Ingress comes last: serve.ingress freezes the app, with the globals its routes see, at once.)
+"""
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from serve_apps.openai_protocol import (ChatCompletionRequest, Chunk, CompletionRequest, chat_logprobs,
+                                        completion_logprobs, error_body, new_id, now, usage)
+
+RETRY_AFTER_S = 1
+
+api = FastAPI(title="rayfoundry OpenAI-compatible API")
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None):
+    return JSONResponse(error_body(message, kind, status, param), status_code=status, headers=headers)
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(_, error: OpenAIError):
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    return _error(error.status, error.message, error.kind, error.param, headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_, error: RequestValidationError):
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    return _error(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request_error", param)
+
+
+def _message(error: Exception) -> str:
+    """The user's mistake in one line, not a replica's traceback."""
+    cause = getattr(error, "cause", None) or error
+    return " ".join(str(cause).split())
+
+
+async def _prepend(first: Chunk, rest) -> AsyncIterator[Chunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _merge(choices: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """Chunks of all choices as they come, tagged with their choice index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index, stream):
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(choices)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+        for task in tasks:
+            task.result()  # surface a stream's error
+    finally:
+        for task in tasks:
+            task.cancel()  # the client went away: cancelling aborts the requests
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+class _Totals:
+    def __init__(self, n: int):
+        self.prompt = 0
+        self.completion = [0] * n
+
+    def add(self, index: int, chunk: Chunk) -> None:
+        self.prompt = chunk.num_prompt_tokens
+        self.completion[index] = chunk.num_output_tokens
+
+    def usage(self, n: int) -> dict:
+        return usage(self.prompt * n, sum(self.completion))
+
+
+def _echo(chunk: Chunk, body) -> tuple[str, list]:
+    """With echo, the prompt's text (and its logprobs) lead the first chunk of each choice."""
+    if chunk.prompt_text is None:
+        return "", []
+    return chunk.prompt_text, (chunk.prompt_logprobs or []) if body.logprobs is not None else []
+
+
+async def _stream_completion(meta: dict, choices, body: CompletionRequest) -> AsyncIterator[dict]:
+    totals, offsets = _Totals(body.n), [0] * body.n
+    async for index, chunk in _merge(choices):
+        totals.add(index, chunk)
+        prefix, prefix_logprobs = _echo(chunk, body)
+        text = prefix + chunk.text
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(prefix_logprobs + chunk.logprobs, offsets[index])
+        offsets[index] += len(text)
+        yield {**meta, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                    "finish_reason": chunk.finish_reason}]}
+    if body.include_usage:
+        yield {**meta, "choices": [], "usage": totals.usage(body.n)}
+
+
+async def _collect(choices, body) -> tuple[list[str], list[list], list[str | None], _Totals]:
+    """Each choice's whole text, logprob entries (with echo: the prompt's first) and finish reason."""
+    texts, entries = [""] * body.n, [[] for _ in range(body.n)]
+    reasons, totals = [None] * body.n, _Totals(body.n)
+    async for index, chunk in _merge(choices):
+        totals.add(index, chunk)
+        prefix, prefix_logprobs = _echo(chunk, body)
+        texts[index] += prefix + chunk.text
+        entries[index] += prefix_logprobs + chunk.logprobs
+        reasons[index] = chunk.finish_reason or reasons[index]
+    return texts, entries, reasons, totals
+
+
+async def _whole_completion(meta: dict, choices, body: CompletionRequest) -> dict:
+    texts, entries, reasons, totals = await _collect(choices, body)
+    return {**meta, "choices": [
+        {"index": i, "text": texts[i], "finish_reason": reasons[i],
+         "logprobs": completion_logprobs(entries[i], 0) if body.logprobs is not None else None}
+        for i in range(body.n)], "usage": totals.usage(body.n)}
+
+
+async def _stream_chat(meta: dict, choices, body: ChatCompletionRequest) -> AsyncIterator[dict]:
+    meta = {**meta, "object": "chat.completion.chunk"}
+    for index in range(body.n):  # OpenAI opens each choice with the role alone
+        yield {**meta, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}
+    totals = _Totals(body.n)
+    async for index, chunk in _merge(choices):
+        totals.add(index, chunk)
+        delta = {"content": chunk.text} if chunk.text or not chunk.finish_reason else {}
+        logprobs = chat_logprobs(chunk.logprobs) if body.logprobs else None
+        yield {**meta, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                    "finish_reason": chunk.finish_reason}]}
+    if body.include_usage:
+        yield {**meta, "choices": [], "usage": totals.usage(body.n)}
+
+
+async def _whole_chat(meta: dict, choices, body: ChatCompletionRequest) -> dict:
+    texts, entries, reasons, totals = await _collect(choices, body)
+    return {**meta, "object": "chat.completion", "choices": [
+        {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
+         "logprobs": chat_logprobs(entries[i]) if body.logprobs else None} for i in range(body.n)],
+        "usage": totals.usage(body.n)}
+
+
+@serve.ingress(api)
+class Ingress:
+    """Routes by the request's `model` to that model's LLMServer handle."""
+
+    def __init__(self, servers: dict, api_keys: list[str] | None = None):
+        self.servers = servers
+        self.api_keys = set(api_keys or []) | {k for k in os.environ.get("RAYFOUNDRY_API_KEYS", "").split(",") if k}
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header.removeprefix("Bearer ") not in self.api_keys:
+            raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
+
+    def _server(self, model: str):
+        if model not in self.servers:
+            raise OpenAIError(404, f"model {model!r} is not served here; see GET /v1/models", "not_found_error", "model")
+        return self.servers[model]
+
+    async def _choices(self, body, **kwargs) -> list[AsyncIterator[Chunk]]:
+        """One stream per choice, each already started, so bad input and overload fail here."""
+        server = self._server(body.model).options(stream=True)
+        try:
+            body.sampling_params(0, 1, None)  # the same checks the engine makes, before any work
+        except ValueError as error:
+            raise OpenAIError(400, _message(error)) from error
+        streams = [server.generate.remote(request=body, choice=i, **kwargs) for i in range(body.n)]
+        firsts = []
+        try:
+            for stream in streams:
+                firsts.append(await stream.__anext__())
+        except BackPressureError as error:
+            for stream in streams:
+                stream.cancel()
+            raise OpenAIError(429, f"the server is at capacity, retry later ({error})", "rate_limit_error") from error
+        except ValueError as error:  # bad prompt: too long, no chat template, ...
+            for stream in streams:
+                stream.cancel()
+            raise OpenAIError(400, _message(error)) from error
+        return [_prepend(first, stream) for first, stream in zip(firsts, streams)]
+
+    # -- routes -----------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "rayfoundry"}
+                                           for m in self.servers]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        choices = await self._choices(body, prompt=body.prompt, messages=None, echo=body.echo)
+        meta = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model}
+        if body.stream:
+            return _sse(_stream_completion(meta, choices, body))
+        return await _whole_completion(meta, choices, body)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        self._authorize(request)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        if body.max_completion_tokens and not body.max_tokens:
+            body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
+        choices = await self._choices(body, prompt=None, messages=messages)
+        meta = {"id": new_id("chatcmpl"), "created": now(), "model": body.model}
+        if body.stream:
+            return _sse(_stream_chat(meta, choices, body))
+        return await _whole_chat(meta, choices, body)

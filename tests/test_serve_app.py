@@ -1,0 +1,167 @@
+"""The OpenAI-compatible Serve application on a real local Ray + Serve, with the official
+`openai` client, over the tiny random Llama (SmolLM2's tokenizer and chat template)."""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
+
+
+API_KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir):
+    """`serve.run` of build_app on a fresh local Ray; yields the base URL."""
+    import os
+
+    import ray
+    from ray import serve
+
+    from serve_apps.app import build_app
+
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a new local ray.init() would otherwise turn token auth on
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAYFOUNDRY_API_KEYS": ""}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"models": [{"model_id": "tiny", "model": str(tiny_llama_dir), "num_cpus_per_replica": 1,
+                                 "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}],
+                     "api_keys": [API_KEY]})
+    serve.run(app, name="llm", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=f"{served}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _post(url: str, body: dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_requests_without_the_api_key_are_refused(served, key):
+    code, reply = _post(f"{served}/v1/completions", {"model": "tiny", "prompt": "x"}, key)
+    assert code == 401 and reply["error"]["type"] == "authentication_error"
+
+
+def test_models_and_health(client, served):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    with urllib.request.urlopen(f"{served}/health", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_completion_whole_and_streamed_agree(client):
+    whole = client.completions.create(model="tiny", prompt="Hello there", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 8 and whole.usage.prompt_tokens > 0
+    chunks = list(client.completions.create(model="tiny", prompt="Hello there", max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_whole_and_streamed_agree_and_n_choices(client):
+    messages = [{"role": "user", "content": "Say something."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    deltas = [c.choices[0].delta for c in stream]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
+    seeded = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=3, seed=7,
+                                            extra_body={"ignore_eos": True})
+    again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=3, seed=7,
+                                           extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in seeded.choices) == [0, 1, 2]
+    assert [c.message.content for c in seeded.choices] == [c.message.content for c in again.choices]
+
+
+def test_logprobs_and_echo(client):
+    out = client.completions.create(model="tiny", prompt="One two three", max_tokens=3, temperature=0,
+                                    logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    logprobs = out.choices[0].logprobs
+    assert out.choices[0].text.startswith("One two three")
+    assert logprobs.token_logprobs[0] is None  # the first prompt token: nothing predicts it
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) > 3
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs[1:])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == 2 and all(len(e.top_logprobs) == 3 for e in entries)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "tiny", "prompt": "x", "top_k": 0}, 400, None),
+    ({"model": "tiny", "prompt": "word " * 200}, 400, None),  # longer than the 64-token context
+])
+def test_bad_requests_get_openai_errors(served, body, status, param):
+    code, reply = _post(f"{served}/v1/completions", body)
+    assert code == status
+    assert reply["error"]["code"] == status and reply["error"]["message"]
+    if param:
+        assert reply["error"]["param"] == param
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"models": [{"model_id": "a", "model": "m", "num_replicaz": 2}]}, "unknown key 'models.0.num_replicaz'"),
+    ({"models": [{"model_id": "a", "model": "m"}, {"model_id": "a", "model": "n"}]}, "model_id values must be unique"),
+    ({"models": [{"model_id": "a", "model": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]},
+     "exceeds max_replicas"),
+])
+def test_rayfoundry_serve_rejects_a_bad_config_in_one_line(tmp_path, capsys, args, message):
+    import yaml
+
+    from serve_apps.serve_run import main
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "llm", "import_path": "serve_apps.app:build_app",
+                                                        "args": args}]}))
+    assert main([str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_the_shipped_serve_config_is_valid():
+    from pathlib import Path
+
+    from serve_apps.serve_run import check
+
+    assert check(Path(__file__).parent.parent / "configs" / "serve" / "smollm2.yaml") == 1
