@@ -4,14 +4,18 @@ OpenAI ingress bound to their handles. Used by Serve config files (configs/serve
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from cluster.config import StrictConfig, parse_config
 from serve_apps.engine.llm_engine import EngineConfig
-from serve_apps.ingress import Ingress
+from serve_apps.ingress import RETRY_AFTER_S, Ingress
 from serve_apps.llm_server import LLMServer
+from serve_apps.routing.routers import ROUTERS
 
 
 class AutoscalingConfig(StrictConfig):
@@ -37,11 +41,16 @@ class ModelConfig(StrictConfig):
     num_cpus_per_replica: float = Field(1.0, gt=0)
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue")
     max_queued_requests: int = Field(128, ge=-1, description="beyond it: 429 with Retry-After; -1: no limit")
+    router: Literal["kv_aware", "pow2", "round_robin", "ray_prefix"] = "kv_aware"
+    max_imbalance: int = Field(8, ge=0, description="kv_aware: in-flight requests a cached prefix may cost")
+    routing_stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their caches")
 
 
 class ServeAppConfig(StrictConfig):
     models: list[ModelConfig] = Field(min_length=1)
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; RAYFOUNDRY_API_KEYS adds more")
+    ingress_num_cpus: float = Field(0.5, ge=0, description="the HTTP ingress: parsing and tokenizing only")
+    ingress_max_ongoing_requests: int = Field(1024, ge=1, description="streams one ingress replica relays")
 
     @model_validator(mode="after")
     def _unique_ids(self):
@@ -54,8 +63,17 @@ class ServeAppConfig(StrictConfig):
 def _deployment_options(model: ModelConfig) -> dict:
     options = {"name": f"LLMServer:{model.model_id}", "max_ongoing_requests": model.max_ongoing_requests,
                "max_queued_requests": model.max_queued_requests,
+               # A full queue raises in the ingress's handle and Serve answers it there itself (the
+               # ingress cannot turn it into OpenAI JSON): make that a 429 with Retry-After.
+               "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
                "ray_actor_options": {"num_cpus": model.num_cpus_per_replica},
                "health_check_period_s": 10, "graceful_shutdown_timeout_s": 30}
+    if ROUTERS[model.router] is not None:
+        kwargs = {"block_size": model.engine.block_size, "max_imbalance": model.max_imbalance} \
+            if model.router == "kv_aware" else {}
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTERS[model.router], request_router_kwargs=kwargs,
+            request_routing_stats_period_s=model.routing_stats_period_s)
     if model.autoscaling is None:
         options["num_replicas"] = model.num_replicas
     else:
@@ -71,5 +89,7 @@ def build_app(args: dict | ServeAppConfig) -> Application:
     config = args if isinstance(args, ServeAppConfig) else parse_config(ServeAppConfig, args, "serve app config")
     servers = {m.model_id: serve.deployment(LLMServer).options(**_deployment_options(m)).bind(m.model, m.engine)
                for m in config.models}
-    ingress = serve.deployment(Ingress).options(name="OpenAIIngress")
-    return ingress.bind(servers, config.api_keys)
+    ingress = serve.deployment(Ingress).options(
+        name="OpenAIIngress", ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=config.ingress_max_ongoing_requests)
+    return ingress.bind(servers, {m.model_id: m.model for m in config.models}, config.api_keys)

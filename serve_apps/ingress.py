@@ -15,10 +15,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
-from serve_apps.openai_protocol import (ChatCompletionRequest, Chunk, CompletionRequest, chat_logprobs,
-                                        completion_logprobs, error_body, new_id, now, usage)
+from serve_apps.openai_protocol import (
+    ChatCompletionRequest,
+    Chunk,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
+from serve_apps.prompts import PromptBuilder
 
 RETRY_AFTER_S = 1
 
@@ -46,6 +55,12 @@ async def _invalid(_, error: RequestValidationError):
     first = error.errors()[0]
     param = ".".join(str(p) for p in first["loc"][1:]) or None
     return _error(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request_error", param)
+
+
+def _cancel(streams) -> None:
+    """Stop choices already started when another one fails: nobody would read them."""
+    for stream in streams:
+        stream.cancel()
 
 
 def _message(error: Exception) -> str:
@@ -88,13 +103,25 @@ async def _merge(choices: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int
             task.cancel()  # the client went away: cancelling aborts the requests
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+class Choices(list):
+    """The streams of a request's choices, and the replica that answered the first."""
+
+    def __init__(self, streams: list[AsyncIterator[Chunk]], replica: str):
+        super().__init__(streams)
+        self.replica = replica
+
+
+def _replica_header(replica: str) -> dict:
+    return {"X-Rayfoundry-Replica": replica} if replica else {}
+
+
+def _sse(events: AsyncIterator[dict], replica: str) -> StreamingResponse:
     async def body():
         async for event in events:
             yield f"data: {json.dumps(event)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_replica_header(replica))
 
 
 class _Totals:
@@ -182,8 +209,10 @@ async def _whole_chat(meta: dict, choices, body: ChatCompletionRequest) -> dict:
 class Ingress:
     """Routes by the request's `model` to that model's LLMServer handle."""
 
-    def __init__(self, servers: dict, api_keys: list[str] | None = None):
+    def __init__(self, servers: dict, models: dict[str, str], api_keys: list[str] | None = None):
+        """servers: model id -> LLMServer handle; models: model id -> the model to tokenize with."""
         self.servers = servers
+        self.prompts = {model_id: PromptBuilder(model) for model_id, model in models.items()}
         self.api_keys = set(api_keys or []) | {k for k in os.environ.get("RAYFOUNDRY_API_KEYS", "").split(",") if k}
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -199,27 +228,33 @@ class Ingress:
             raise OpenAIError(404, f"model {model!r} is not served here; see GET /v1/models", "not_found_error", "model")
         return self.servers[model]
 
-    async def _choices(self, body, **kwargs) -> list[AsyncIterator[Chunk]]:
+    async def _choices(self, body, echo: bool = False) -> Choices:
         """One stream per choice, each already started, so bad input and overload fail here."""
         server = self._server(body.model).options(stream=True)
+        prompts = self.prompts[body.model]
         try:
             body.sampling_params(0, 1, None)  # the same checks the engine makes, before any work
+            if isinstance(body, ChatCompletionRequest):
+                token_ids = prompts.chat([m.model_dump(exclude_none=True) for m in body.messages])
+            else:
+                token_ids = prompts.completion(body.prompt)
         except ValueError as error:
             raise OpenAIError(400, _message(error)) from error
-        streams = [server.generate.remote(request=body, choice=i, **kwargs) for i in range(body.n)]
-        firsts = []
+        streams, firsts = [], []
         try:
+            for i in range(body.n):
+                streams.append(server.generate.remote(body, i, token_ids, echo))
             for stream in streams:
                 firsts.append(await stream.__anext__())
-        except BackPressureError as error:
-            for stream in streams:
-                stream.cancel()
-            raise OpenAIError(429, f"the server is at capacity, retry later ({error})", "rate_limit_error") from error
-        except ValueError as error:  # bad prompt: too long, no chat template, ...
-            for stream in streams:
-                stream.cancel()
+        except ValueError as error:  # bad prompt: too long for the context or the cache
+            _cancel(streams)
             raise OpenAIError(400, _message(error)) from error
-        return [_prepend(first, stream) for first, stream in zip(firsts, streams)]
+        except BaseException:
+            # Including a full queue (BackPressureError): Serve answers that one itself, with the
+            # deployment's backpressure_config (429 + Retry-After, see serve_apps/app.py).
+            _cancel(streams)
+            raise
+        return Choices([_prepend(first, stream) for first, stream in zip(firsts, streams)], firsts[0].replica)
 
     # -- routes -----------------------------------------------------------------------------
     @api.get("/health")
@@ -235,20 +270,19 @@ class Ingress:
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._authorize(request)
-        choices = await self._choices(body, prompt=body.prompt, messages=None, echo=body.echo)
+        choices = await self._choices(body, echo=body.echo)
         meta = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model}
         if body.stream:
-            return _sse(_stream_completion(meta, choices, body))
-        return await _whole_completion(meta, choices, body)
+            return _sse(_stream_completion(meta, choices, body), choices.replica)
+        return JSONResponse(await _whole_completion(meta, choices, body), headers=_replica_header(choices.replica))
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self._authorize(request)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
         if body.max_completion_tokens and not body.max_tokens:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-        choices = await self._choices(body, prompt=None, messages=messages)
+        choices = await self._choices(body)
         meta = {"id": new_id("chatcmpl"), "created": now(), "model": body.model}
         if body.stream:
-            return _sse(_stream_chat(meta, choices, body))
-        return await _whole_chat(meta, choices, body)
+            return _sse(_stream_chat(meta, choices, body), choices.replica)
+        return JSONResponse(await _whole_chat(meta, choices, body), headers=_replica_header(choices.replica))

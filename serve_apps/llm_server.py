@@ -1,12 +1,15 @@
-"""One engine per Serve replica: prompts or chat messages in, a stream of Chunks out.
+"""One engine per Serve replica: a request's token ids in, a stream of Chunks out.
 
-The replica owns the tokenizer (and so the chat template); the ingress only speaks HTTP. A
-stream that its caller abandons (the client went away) is cancelled by Serve, and the engine
-aborts the request, freeing its KV blocks.
+The ingress tokenizes (serve_apps/prompts.py) so the router can hash prompts; the replica
+reports the block hashes its prefix cache holds as Serve routing stats. A stream that its
+caller abandons (the client went away) is cancelled by Serve, and the engine aborts the
+request, freeing its KV blocks.
 """
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+
+from ray import serve
 
 from serve_apps.engine.async_engine import AsyncLLMEngine
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
@@ -21,20 +24,15 @@ class LLMServer:
         self.engine = AsyncLLMEngine(LLMEngine(model, engine_config))
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.max_model_len
-
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise ValueError("this model has no chat template; use /v1/completions")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
         return max(1, self.max_model_len - num_prompt_tokens)
 
-    async def generate(self, prompt: str | list[int] | None, messages: list[dict] | None,
-                       request, choice: int, echo: bool = False) -> AsyncIterator[Chunk]:
-        """Stream one choice of an OpenAI request (CompletionRequest or ChatCompletionRequest)."""
-        token_ids = self.chat_prompt(messages) if messages is not None else self.engine.engine.tokenize(prompt)
+    async def generate(self, request, choice: int, token_ids: list[int], echo: bool = False) -> AsyncIterator[Chunk]:
+        """Stream one choice of an OpenAI request (CompletionRequest or ChatCompletionRequest).
+        Positional on purpose: request routers read a request's arguments (ours the token ids,
+        Ray's prefix router the body's prompt or messages)."""
         logprobs = _requested_logprobs(request)
         params = request.sampling_params(choice, self.default_max_tokens(len(token_ids)), logprobs,
                                          prompt_logprobs=logprobs if echo and logprobs is not None else None)
@@ -45,7 +43,8 @@ class LLMServer:
 
     def _chunk(self, output: RequestOutput, prompt_ids: list[int], params: SamplingParams, first: bool,
                echo: bool) -> Chunk:
-        chunk = Chunk(output.new_text, len(prompt_ids), len(output.token_ids), output.finish_reason)
+        chunk = Chunk(output.new_text, len(prompt_ids), len(output.token_ids), output.finish_reason,
+                      replica=self.replica_id)
         if params.logprobs is not None:
             new = output.logprobs[len(output.logprobs) - len(output.new_token_ids):]
             chunk.logprobs = [self._entry(s.token_id, s.logprob, s.top_logprobs) for s in new]
@@ -66,11 +65,14 @@ class LLMServer:
         """Serve calls this periodically; a dead engine loop marks the replica unhealthy."""
         self.engine.check_health()
 
-    def num_running(self) -> int:
-        return len(self.engine.engine.scheduler.running) + len(self.engine.engine.scheduler.waiting)
-
-    def num_free_blocks(self) -> int:
-        return self.engine.engine.kv_cache.num_free_blocks
+    def record_routing_stats(self) -> dict:
+        """Serve polls this for its request router: what the prefix cache holds, and the load."""
+        engine = self.engine.engine
+        return {"kv_block_hashes": engine.kv_cache.pool.cached_hashes(), "block_size": engine.kv_cache.block_size,
+                "num_requests": len(engine.scheduler.running) + len(engine.scheduler.waiting),
+                "num_free_blocks": engine.kv_cache.num_free_blocks,
+                "prefix_queried_tokens": engine.kv_cache.stats.queried_tokens,
+                "prefix_hit_tokens": engine.kv_cache.stats.hit_tokens}
 
     async def __del__(self):
         await self.engine.shutdown()

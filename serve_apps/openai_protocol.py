@@ -95,6 +95,7 @@ class Chunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # once, on the first chunk, when asked (echo)
     prompt_text: str | None = None  # once, on the first chunk, with echo
+    replica: str = ""  # the Serve replica that generated it (X-Rayfoundry-Replica)
 
 
 def new_id(prefix: str) -> str:

@@ -23,7 +23,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir):
-    """`serve.run` of build_app on a fresh local Ray; yields the base URL."""
+    """`serve.run` of build_app on a fresh local Ray (3 logical CPUs: the ingress and three
+    replicas at 0.5 each); yields the base URL."""
     import os
 
     import ray
@@ -33,11 +34,15 @@ def served(tiny_llama_dir):
 
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a new local ray.init() would otherwise turn token auth on
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAYFOUNDRY_API_KEYS": ""}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"models": [{"model_id": "tiny", "model": str(tiny_llama_dir), "num_cpus_per_replica": 1,
+    app = build_app({"models": [{"model_id": "tiny", "model": str(tiny_llama_dir), "num_replicas": 2,
+                                 "num_cpus_per_replica": 0.5, "router": "kv_aware",
+                                 "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}},
+                                {"model_id": "tight", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
+                                 "max_ongoing_requests": 1, "max_queued_requests": 1,
                                  "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}],
                      "api_keys": [API_KEY]})
     serve.run(app, name="llm", route_prefix="/")
@@ -57,14 +62,60 @@ def client(served):
     return openai.OpenAI(base_url=f"{served}/v1", api_key=API_KEY, max_retries=0)
 
 
-def _post(url: str, body: dict, key: str | None = API_KEY) -> tuple[int, dict]:
+def _post(url: str, body: dict, key: str | None = API_KEY, headers_out: list | None = None) -> tuple[int, dict]:
+    """(status, JSON body); the response headers (lower-cased names) go to headers_out when given."""
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+        response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        response = error
+    with response:
+        if headers_out is not None:
+            headers_out.append({name.lower(): value for name, value in response.headers.items()})
+        text = response.read()
+        try:
+            return response.status, json.loads(text)
+        except json.JSONDecodeError:  # Serve's own plain-text answers (429 on a full queue)
+            return response.status, {"text": text.decode()}
+
+
+def test_kv_aware_router_keeps_each_prefix_on_one_replica(served):
+    """Two replicas; requests sharing a 2-block prefix follow the first one that cached it."""
+    prefixes = {"a": list(range(1000, 1032)), "b": list(range(2000, 2032))}
+    headers = {"a": [], "b": []}
+    for i in range(5):
+        for name, prefix in prefixes.items():
+            code, _ = _post(f"{served}/v1/completions", {"model": "tiny", "prompt": prefix + [3000 + i],
+                                                          "max_tokens": 2, "temperature": 0}, headers_out=headers[name])
+            assert code == 200
+    served_by = {name: {h["x-rayfoundry-replica"] for h in hs} for name, hs in headers.items()}
+    assert all(len(replicas) == 1 for replicas in served_by.values()), served_by
+
+
+def test_overload_gets_429_and_loses_no_accepted_request(served):
+    """One replica taking one request and queueing one: a burst of 12 gets 429s with Retry-After,
+    every accepted request completes in full, and afterwards every KV block is free."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    body = {"model": "tight", "prompt": "Tell me a story", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    headers: list[dict] = []
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: _post(f"{served}/v1/completions", body, headers_out=headers), range(12)))
+    codes = [code for code, _ in results]
+    assert sum("retry-after" in h for h in headers) == codes.count(429)
+    assert codes.count(429) >= 1 and codes.count(200) >= 2, codes
+    assert set(codes) <= {200, 429}
+    for code, reply in results:
+        if code == 200:
+            assert reply["usage"]["completion_tokens"] == 40
+        else:
+            assert "backpressure" in reply["text"]
+    assert _post(f"{served}/v1/completions", body)[0] == 200  # healthy afterwards
+    stats = serve.get_deployment_handle("LLMServer:tight", app_name="llm").record_routing_stats.remote().result()
+    assert stats["num_requests"] == 0 and stats["num_free_blocks"] == 64
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])
@@ -74,7 +125,7 @@ def test_requests_without_the_api_key_are_refused(served, key):
 
 
 def test_models_and_health(client, served):
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert [m.id for m in client.models.list()] == ["tiny", "tight"]
     with urllib.request.urlopen(f"{served}/health", timeout=10) as response:
         assert response.status == 200
 

@@ -38,6 +38,11 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self._free)
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Hashes of every block a prefix lookup can hit now (one C-level copy: safe to call from
+        another thread while the engine steps)."""
+        return list(self._cached)
+
     def allocate(self) -> Block:
         """A fresh block with one reference, evicting the least recently freed cached block."""
         block_id, _ = self._free.popitem(last=False)

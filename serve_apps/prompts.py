@@ -1,0 +1,25 @@
+"""Prompts to token ids, in the ingress: once per request, so the request router can hash the
+prompt's blocks exactly as the engine will, and replicas receive token ids."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from cluster.store import fetch
+
+
+class PromptBuilder:
+    def __init__(self, model: str):
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(fetch(model, "models")))
+
+    def completion(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
+
+    def chat(self, messages: list[dict]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise ValueError("messages: this model has no chat template; use /v1/completions")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))

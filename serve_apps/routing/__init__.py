@@ -1,0 +1,1 @@
+"""Request routing across LLMServer replicas."""

@@ -1,0 +1,86 @@
+"""Ray Serve request routers for LLMServer deployments, selected by name in the app config.
+
+- round_robin: each request to the next replica in turn, blind to load and caches.
+- pow2: Serve's default, the less loaded of two random replicas.
+- ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter (a character prefix tree of prompts).
+- kv_aware: ours, the replica whose prefix cache holds the longest prefix of the prompt's blocks
+  (the engine's own block hashes) unless load is too uneven (serve_apps/routing/kv_aware_state.py).
+
+Routers run in the caller's process (the ingress replica); async code here never blocks.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from serve_apps.engine.block_hash import hash_full_blocks
+from serve_apps.routing.kv_aware_state import KVAwareRouterState
+
+ROUTERS = {
+    "round_robin": "serve_apps.routing.routers:RoundRobinRouter",
+    "pow2": None,  # Serve's default
+    "ray_prefix": "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter",
+    "kv_aware": "serve_apps.routing.routers:KVAwareRouter",
+}
+TOKEN_IDS_ARG = 2  # LLMServer.generate(request, choice, token_ids, echo)
+
+
+# FIFOMixin: a request's choices share one internal request id, so pending requests must be
+# fulfilled oldest first, not matched by that id (which leaves one of them waiting forever).
+class RoundRobinRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, **kwargs):
+        self._turn = itertools.count()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        start = next(self._turn) % len(ordered)
+        return [[replica] for replica in ordered[start:] + ordered[:start]]
+
+
+class KVAwareRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, block_size: int = 16, max_imbalance: int = 8, **kwargs):
+        self.block_size = block_size
+        self.state = KVAwareRouterState(max_imbalance)
+        self._in_flight: Counter[str] = Counter()  # requests this router sent and not yet finished
+        self._seen_stats: dict[str, int] = {}  # replica -> id() of the stats dict last applied
+        self.decisions: Counter[str] = Counter()
+
+    def _refresh(self, replicas: list[RunningReplica]) -> None:
+        """Apply each replica's latest routing stats, once per report."""
+        for replica in replicas:
+            stats = replica.routing_stats or {}
+            key = replica.replica_id.unique_id
+            if "kv_block_hashes" in stats and self._seen_stats.get(key) != id(stats):
+                self.state.report(key, stats["kv_block_hashes"])
+                self._seen_stats[key] = id(stats)
+
+    def _prompt_hashes(self, pending_request: PendingRequest | None) -> list[int]:
+        if pending_request is None or len(pending_request.args) <= TOKEN_IDS_ARG:
+            return []
+        return hash_full_blocks(pending_request.args[TOKEN_IDS_ARG], self.block_size)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # a full ranking: sleep before retrying
+        self._refresh(candidate_replicas)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        decision = self.state.choose(self._prompt_hashes(pending_request),
+                                     {rid: self._in_flight[rid] for rid in by_id})
+        self.decisions[decision.reason] += 1
+        return [[by_id[rid]] for rid in decision.ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        self._in_flight[replica_id.unique_id] += 1
+        self.state.record_routed(replica_id.unique_id, self._prompt_hashes(pending_request))
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        self._in_flight[replica_id.unique_id] = max(0, self._in_flight[replica_id.unique_id] - 1)
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.state.forget(replica_id.unique_id)
+        self._in_flight.pop(replica_id.unique_id, None)
