@@ -13,9 +13,11 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from cluster.config import StrictConfig, parse_config
 from serve_apps.engine.llm_engine import EngineConfig
-from serve_apps.ingress import RETRY_AFTER_S, Ingress
+from serve_apps.ingress import Ingress
 from serve_apps.llm_server import LLMServer
 from serve_apps.routing.routers import ROUTERS
+
+RETRY_AFTER_S = 1  # what a 429 (the model's queue is full) tells clients to wait
 
 
 class AutoscalingConfig(StrictConfig):

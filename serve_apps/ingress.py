@@ -29,8 +29,6 @@ from serve_apps.openai_protocol import (
 )
 from serve_apps.prompts import PromptBuilder
 
-RETRY_AFTER_S = 1
-
 api = FastAPI(title="rayfoundry OpenAI-compatible API")
 
 
@@ -40,14 +38,13 @@ class OpenAIError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None):
-    return JSONResponse(error_body(message, kind, status, param), status_code=status, headers=headers)
+def _error(status: int, message: str, kind: str, param: str | None = None):
+    return JSONResponse(error_body(message, kind, status, param), status_code=status)
 
 
 @api.exception_handler(OpenAIError)
 async def _openai_error(_, error: OpenAIError):
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
-    return _error(error.status, error.message, error.kind, error.param, headers)
+    return _error(error.status, error.message, error.kind, error.param)
 
 
 @api.exception_handler(RequestValidationError)
@@ -133,8 +130,8 @@ class _Totals:
         self.prompt = chunk.num_prompt_tokens
         self.completion[index] = chunk.num_output_tokens
 
-    def usage(self, n: int) -> dict:
-        return usage(self.prompt * n, sum(self.completion))
+    def usage(self) -> dict:
+        return usage(self.prompt, sum(self.completion))  # as OpenAI counts it: the prompt once, for all n
 
 
 def _echo(chunk: Chunk, body) -> tuple[str, list]:
@@ -157,7 +154,7 @@ async def _stream_completion(meta: dict, choices, body: CompletionRequest) -> As
         yield {**meta, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                     "finish_reason": chunk.finish_reason}]}
     if body.include_usage:
-        yield {**meta, "choices": [], "usage": totals.usage(body.n)}
+        yield {**meta, "choices": [], "usage": totals.usage()}
 
 
 async def _collect(choices, body) -> tuple[list[str], list[list], list[str | None], _Totals]:
@@ -178,7 +175,7 @@ async def _whole_completion(meta: dict, choices, body: CompletionRequest) -> dic
     return {**meta, "choices": [
         {"index": i, "text": texts[i], "finish_reason": reasons[i],
          "logprobs": completion_logprobs(entries[i], 0) if body.logprobs is not None else None}
-        for i in range(body.n)], "usage": totals.usage(body.n)}
+        for i in range(body.n)], "usage": totals.usage()}
 
 
 async def _stream_chat(meta: dict, choices, body: ChatCompletionRequest) -> AsyncIterator[dict]:
@@ -194,7 +191,7 @@ async def _stream_chat(meta: dict, choices, body: ChatCompletionRequest) -> Asyn
         yield {**meta, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                     "finish_reason": chunk.finish_reason}]}
     if body.include_usage:
-        yield {**meta, "choices": [], "usage": totals.usage(body.n)}
+        yield {**meta, "choices": [], "usage": totals.usage()}
 
 
 async def _whole_chat(meta: dict, choices, body: ChatCompletionRequest) -> dict:
@@ -202,7 +199,7 @@ async def _whole_chat(meta: dict, choices, body: ChatCompletionRequest) -> dict:
     return {**meta, "object": "chat.completion", "choices": [
         {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
          "logprobs": chat_logprobs(entries[i]) if body.logprobs else None} for i in range(body.n)],
-        "usage": totals.usage(body.n)}
+        "usage": totals.usage()}
 
 
 @serve.ingress(api)

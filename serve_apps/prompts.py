@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from cluster.store import fetch
+from serve_apps.engine.llm_engine import encode_prompt
 
 
 class PromptBuilder:
@@ -14,9 +15,7 @@ class PromptBuilder:
         self.tokenizer = AutoTokenizer.from_pretrained(Path(fetch(model, "models")))
 
     def completion(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def chat(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:

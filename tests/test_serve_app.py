@@ -158,6 +158,8 @@ def test_chat_whole_and_streamed_agree_and_n_choices(client):
     again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=3, seed=7,
                                            extra_body={"ignore_eos": True})
     assert sorted(c.index for c in seeded.choices) == [0, 1, 2]
+    assert seeded.usage.prompt_tokens == whole.usage.prompt_tokens  # the prompt counts once, for all n
+    assert seeded.usage.completion_tokens == 18
     assert [c.message.content for c in seeded.choices] == [c.message.content for c in again.choices]
 
 

@@ -22,6 +22,11 @@ from serve_apps.engine.sampling_params import SamplingParams
 from serve_apps.engine.scheduler import Scheduler
 
 
+def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Text to token ids as the engine reads prompts (no special tokens added); ids pass through."""
+    return tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+
+
 class EngineConfig(StrictConfig):
     block_size: int = Field(16, ge=1)
     kv_cache_memory_gib: float = Field(1.0, gt=0)
@@ -87,7 +92,7 @@ class LLMEngine:
         return request.request_id
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def check_prompt(self, token_ids: list[int]) -> None:
         """Refuse, before anything is allocated, a prompt that cannot be served."""

@@ -14,6 +14,7 @@ from kernels.paged_attention import kv_cache_shapes
 from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
 from serve_apps.engine.scheduler import SchedulerOutput
 
+
 @dataclass(frozen=True)
 class PromptLogprob:
     token_id: int

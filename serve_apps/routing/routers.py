@@ -41,21 +41,20 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
 
 
 class KVAwareRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, block_size: int = 16, max_imbalance: int = 8, **kwargs):
+    def initialize_state(self, block_size: int = 16, max_imbalance: int = 8):
         self.block_size = block_size
         self.state = KVAwareRouterState(max_imbalance)
         self._in_flight: Counter[str] = Counter()  # requests this router sent and not yet finished
-        self._seen_stats: dict[str, int] = {}  # replica -> id() of the stats dict last applied
-        self.decisions: Counter[str] = Counter()
+        self._applied_stats: dict[str, dict] = {}  # replica -> the stats report last applied
 
     def _refresh(self, replicas: list[RunningReplica]) -> None:
         """Apply each replica's latest routing stats, once per report."""
         for replica in replicas:
             stats = replica.routing_stats or {}
             key = replica.replica_id.unique_id
-            if "kv_block_hashes" in stats and self._seen_stats.get(key) != id(stats):
+            if "kv_block_hashes" in stats and self._applied_stats.get(key) is not stats:
                 self.state.report(key, stats["kv_block_hashes"])
-                self._seen_stats[key] = id(stats)
+                self._applied_stats[key] = stats
 
     def _prompt_hashes(self, pending_request: PendingRequest | None) -> list[int]:
         if pending_request is None or len(pending_request.args) <= TOKEN_IDS_ARG:
@@ -70,7 +69,6 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         decision = self.state.choose(self._prompt_hashes(pending_request),
                                      {rid: self._in_flight[rid] for rid in by_id})
-        self.decisions[decision.reason] += 1
         return [[by_id[rid]] for rid in decision.ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
@@ -84,3 +82,4 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         self.state.forget(replica_id.unique_id)
         self._in_flight.pop(replica_id.unique_id, None)
+        self._applied_stats.pop(replica_id.unique_id, None)
