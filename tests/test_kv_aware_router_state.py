@@ -57,6 +57,17 @@ def test_a_burst_follows_its_first_request_before_stats_arrive():
         loads[first] += 1
 
 
+def test_a_stale_report_does_not_erase_a_recent_route_but_expiry_does():
+    state = KVAwareRouterState(seed=0, routed_ttl_s=10)
+    state.record_routed("r1", _hashes(SYSTEM_A), now=100.0)
+    state.report("r1", [], now=101.0)  # taken before the request's prefill ran
+    assert state.matched_blocks("r1", _hashes(SYSTEM_A), now=101.0) == 4
+    assert state.matched_blocks("r1", _hashes(SYSTEM_A), now=111.0) == 0  # never confirmed: gone
+    state.record_routed("r1", _hashes(SYSTEM_A), now=200.0)
+    state.report("r1", _hashes(SYSTEM_A)[:3], now=201.0)  # confirmed, the last block not (yet)
+    assert state.matched_blocks("r1", _hashes(SYSTEM_A), now=220.0) == 3
+
+
 def test_reports_replace_and_forget_removes():
     state = KVAwareRouterState(seed=0)
     state.report("r1", _hashes(SYSTEM_A))
@@ -67,3 +78,5 @@ def test_reports_replace_and_forget_removes():
         state.choose(_hashes(SYSTEM_A), {})
     with pytest.raises(ValueError, match="max_imbalance"):
         KVAwareRouterState(max_imbalance=-1)
+    with pytest.raises(ValueError, match="routed_ttl_s"):
+        KVAwareRouterState(routed_ttl_s=0)

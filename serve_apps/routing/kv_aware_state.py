@@ -9,11 +9,15 @@ known by the hashes of its prompt's full blocks. The rule:
 3. If none holds even the first block, power of two choices: the less loaded of two at random.
 
 Between stats reports the state assumes a replica will cache what it was sent (it will, once
-the prefill runs), so a burst sharing a new prefix follows its first request.
+the prefill runs), so a burst sharing a new prefix follows its first request. Those assumed
+blocks are kept apart from the reported ones for `routed_ttl_s`: a report can be older than the
+routing (taken before the prefill ran), and must not make the router forget where it just sent
+a prefix.
 """
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,47 +33,60 @@ class Decision:
 
 @dataclass
 class _Replica:
-    cached: set[BlockHash] = field(default_factory=set)
+    cached: set[BlockHash] = field(default_factory=set)  # as last reported
+    routed: dict[BlockHash, float] = field(default_factory=dict)  # sent there since: hash -> expiry
+
+    def holds(self, block_hash: BlockHash, now: float) -> bool:
+        return block_hash in self.cached or self.routed.get(block_hash, -1.0) > now
 
 
 class KVAwareRouterState:
-    def __init__(self, max_imbalance: int = 8, seed: int | None = None):
+    def __init__(self, max_imbalance: int = 8, seed: int | None = None, routed_ttl_s: float = 30.0):
         if max_imbalance < 0:
             raise ValueError(f"max_imbalance must be >= 0, got {max_imbalance}")
+        if routed_ttl_s <= 0:
+            raise ValueError(f"routed_ttl_s must be > 0, got {routed_ttl_s}")
         self.max_imbalance = max_imbalance
+        self.routed_ttl_s = routed_ttl_s
         self._replicas: dict[str, _Replica] = {}
         self._rng = random.Random(seed)
 
     # -- what replicas report -------------------------------------------------------------------
-    def report(self, replica_id: str, cached: Iterable[BlockHash]) -> None:
-        """A replica's routing stats: the block hashes its cache holds now (replaces the old set)."""
-        self._replicas.setdefault(replica_id, _Replica()).cached = set(cached)
+    def report(self, replica_id: str, cached: Iterable[BlockHash], now: float | None = None) -> None:
+        """A replica's routing stats: the block hashes its cache holds (replaces the old report)."""
+        replica = self._replicas.setdefault(replica_id, _Replica())
+        replica.cached = set(cached)
+        now = time.monotonic() if now is None else now
+        replica.routed = {h: expiry for h, expiry in replica.routed.items() if expiry > now and h not in replica.cached}
 
     def forget(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
 
-    def record_routed(self, replica_id: str, hashes: Sequence[BlockHash]) -> None:
+    def record_routed(self, replica_id: str, hashes: Sequence[BlockHash], now: float | None = None) -> None:
         """The request went there: its prefix will be cached there after its prefill."""
-        self._replicas.setdefault(replica_id, _Replica()).cached.update(hashes)
+        expiry = (time.monotonic() if now is None else now) + self.routed_ttl_s
+        self._replicas.setdefault(replica_id, _Replica()).routed.update(dict.fromkeys(hashes, expiry))
 
     # -- the decision -----------------------------------------------------------------------------
-    def matched_blocks(self, replica_id: str, hashes: Sequence[BlockHash]) -> int:
+    def matched_blocks(self, replica_id: str, hashes: Sequence[BlockHash], now: float | None = None) -> int:
         """Leading blocks of the prompt the replica holds (chained hashes: a hit implies its prefix)."""
-        cached = self._replicas.get(replica_id, _Replica()).cached
+        replica = self._replicas.get(replica_id, _Replica())
+        now = time.monotonic() if now is None else now
         count = 0
         for block_hash in hashes:
-            if block_hash not in cached:
+            if not replica.holds(block_hash, now):
                 break
             count += 1
         return count
 
-    def choose(self, hashes: Sequence[BlockHash], loads: dict[str, int]) -> Decision:
+    def choose(self, hashes: Sequence[BlockHash], loads: dict[str, int], now: float | None = None) -> Decision:
         """Rank the candidate replicas (`loads`: replica id -> requests in flight) for a prompt."""
         if not loads:
             raise ValueError("no candidate replicas")
+        now = time.monotonic() if now is None else now
         least = min(loads.values())
         balanced = [r for r in loads if loads[r] - least <= self.max_imbalance]
-        matches = {r: self.matched_blocks(r, hashes) for r in balanced}
+        matches = {r: self.matched_blocks(r, hashes, now) for r in balanced}
         best = max(balanced, key=lambda r: (matches[r], -loads[r]))
         if matches[best] > 0:
             reason = "prefix"
