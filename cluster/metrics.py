@@ -17,7 +17,7 @@ class MetricSpec:
     kind: Literal["counter", "gauge", "histogram"]
     description: str
     boundaries: tuple[float, ...] = ()
-    tag_keys: tuple[str, ...] = ("model",)
+    tag_keys: tuple[str, ...] = ("model", "replica")
 
 
 def _latency(name: str, description: str) -> MetricSpec:
@@ -37,12 +37,27 @@ PREFIX_CACHE_QUERIES = MetricSpec("rayfoundry_engine_prefix_cache_queried_tokens
                                   "Prompt tokens looked up in the prefix cache.")
 PREFIX_CACHE_HITS = MetricSpec("rayfoundry_engine_prefix_cache_hit_tokens_total", "counter",
                                "Prompt tokens found in the prefix cache.")
+PREFIX_CACHE_HIT_RATE = MetricSpec("rayfoundry_engine_prefix_cache_hit_rate", "gauge",
+                                   "Prompt tokens found in the prefix cache / looked up, since the replica started.")
 PREEMPTIONS = MetricSpec("rayfoundry_engine_preemptions_total", "counter", "Requests preempted for recompute.")
 
 ENGINE_METRICS = (
     TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, END_TO_END_LATENCY, QUEUE_TIME, PROMPT_TOKENS, GENERATION_TOKENS,
-    REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_USAGE, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS,
+    REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_USAGE, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS,
+    PREFIX_CACHE_HIT_RATE, PREEMPTIONS,
 )
+
+# Recorded by the kv_aware request router (in the ingress): one per decision, by its reason
+# (prefix, least_loaded, pow2) and the replica chosen. A request that finds every replica full is
+# decided again when it retries.
+ROUTER_DECISIONS = MetricSpec("rayfoundry_router_decisions_total", "counter", "Routing decisions of kv_aware.",
+                              tag_keys=("model", "reason", "replica"))
+ROUTER_MATCHED_TOKENS = MetricSpec("rayfoundry_router_matched_prefix_tokens_total", "counter",
+                                   "Prompt tokens the chosen replica was believed to hold.",
+                                   tag_keys=("model", "replica"))
+ROUTER_PROMPT_TOKENS = MetricSpec("rayfoundry_router_prompt_tokens_total", "counter",
+                                  "Prompt tokens of the requests routed.", tag_keys=("model", "replica"))
+ROUTER_METRICS = (ROUTER_DECISIONS, ROUTER_MATCHED_TOKENS, ROUTER_PROMPT_TOKENS)
 
 
 def ray_metric(spec: MetricSpec):
@@ -54,3 +69,9 @@ def ray_metric(spec: MetricSpec):
     if spec.kind == "gauge":
         return metrics.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
     return metrics.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
+
+
+def increment(counter, value: float, tags: dict[str, str]) -> None:
+    """Add to a ray.util.metrics Counter; Ray refuses increments of zero, which mean nothing anyway."""
+    if value > 0:
+        counter.inc(value, tags=tags)

@@ -125,13 +125,16 @@ class _Totals:
     def __init__(self, n: int):
         self.prompt = 0
         self.completion = [0] * n
+        self.cached = [0] * n
 
     def add(self, index: int, chunk: Chunk) -> None:
         self.prompt = chunk.num_prompt_tokens
         self.completion[index] = chunk.num_output_tokens
+        self.cached[index] = chunk.num_cached_tokens
 
     def usage(self) -> dict:
-        return usage(self.prompt, sum(self.completion))  # as OpenAI counts it: the prompt once, for all n
+        # As OpenAI counts it: the prompt once for all n, and cached as the first choice found it.
+        return usage(self.prompt, sum(self.completion), self.cached[0])
 
 
 def _echo(chunk: Chunk, body) -> tuple[str, list]:

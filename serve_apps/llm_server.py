@@ -13,6 +13,7 @@ from ray import serve
 
 from serve_apps.engine.async_engine import AsyncLLMEngine
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from serve_apps.engine.metrics import RayMetricsSink
 from serve_apps.engine.sampling_params import SamplingParams
 from serve_apps.openai_protocol import Chunk, TokenLogprob
 
@@ -20,11 +21,13 @@ from serve_apps.openai_protocol import Chunk, TokenLogprob
 class LLMServer:
     """The deployment's class; serve_apps.app wraps it with serve.deployment and its options."""
 
-    def __init__(self, model: str, engine_config: EngineConfig):
-        self.engine = AsyncLLMEngine(LLMEngine(model, engine_config))
+    def __init__(self, model_id: str, model: str, engine_config: EngineConfig):
+        """model_id: the name clients use (metrics carry it); model: what to load (cluster.store)."""
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        sink = RayMetricsSink(model_id, self.replica_id)
+        self.engine = AsyncLLMEngine(LLMEngine(model, engine_config, metrics_sink=sink))
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.max_model_len
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
         return max(1, self.max_model_len - num_prompt_tokens)
@@ -44,7 +47,7 @@ class LLMServer:
     def _chunk(self, output: RequestOutput, prompt_ids: list[int], params: SamplingParams, first: bool,
                echo: bool) -> Chunk:
         chunk = Chunk(output.new_text, len(prompt_ids), len(output.token_ids), output.finish_reason,
-                      replica=self.replica_id)
+                      replica=self.replica_id, num_cached_tokens=output.num_cached_tokens)
         if params.logprobs is not None:
             new = output.logprobs[len(output.logprobs) - len(output.new_token_ids):]
             chunk.logprobs = [self._entry(s.token_id, s.logprob, s.top_logprobs) for s in new]

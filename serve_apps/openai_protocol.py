@@ -96,6 +96,7 @@ class Chunk:
     prompt_logprobs: list[TokenLogprob] | None = None  # once, on the first chunk, when asked (echo)
     prompt_text: str | None = None  # once, on the first chunk, with echo
     replica: str = ""  # the Serve replica that generated it (X-Rayfoundry-Replica)
+    num_cached_tokens: int = 0  # prompt tokens the replica's prefix cache held
 
 
 def new_id(prefix: str) -> str:
@@ -106,9 +107,10 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -22,7 +23,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama_dir):
+def metrics_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir, metrics_port):
     """`serve.run` of build_app on a fresh local Ray (3 logical CPUs: the ingress and three
     replicas at 0.5 each); yields the base URL."""
     import os
@@ -34,8 +40,9 @@ def served(tiny_llama_dir):
 
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a new local ray.init() would otherwise turn token auth on
+    os.environ["RAY_metrics_report_interval_ms"] = "500"  # so the metrics test need not wait 10 s
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAYFOUNDRY_API_KEYS": ""}})
+             _metrics_export_port=metrics_port, runtime_env={"env_vars": {"RAYFOUNDRY_API_KEYS": ""}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"models": [{"model_id": "tiny", "model": str(tiny_llama_dir), "num_replicas": 2,
@@ -51,6 +58,7 @@ def served(tiny_llama_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop("RAY_metrics_report_interval_ms")
         if previous is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
@@ -84,13 +92,17 @@ def test_kv_aware_router_keeps_each_prefix_on_one_replica(served):
     """Two replicas; requests sharing a 2-block prefix follow the first one that cached it."""
     prefixes = {"a": list(range(1000, 1032)), "b": list(range(2000, 2032))}
     headers = {"a": [], "b": []}
+    cached = {"a": [], "b": []}
     for i in range(5):
         for name, prefix in prefixes.items():
-            code, _ = _post(f"{served}/v1/completions", {"model": "tiny", "prompt": prefix + [3000 + i],
-                                                          "max_tokens": 2, "temperature": 0}, headers_out=headers[name])
+            code, reply = _post(f"{served}/v1/completions", {"model": "tiny", "prompt": prefix + [3000 + i],
+                                                              "max_tokens": 2, "temperature": 0},
+                                headers_out=headers[name])
             assert code == 200
+            cached[name].append(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
     served_by = {name: {h["x-rayfoundry-replica"] for h in hs} for name, hs in headers.items()}
     assert all(len(replicas) == 1 for replicas in served_by.values()), served_by
+    assert all(tokens[1:] == [32] * 4 for tokens in cached.values()), cached  # both blocks, after the first
 
 
 def test_overload_gets_429_and_loses_no_accepted_request(served):
@@ -219,3 +231,27 @@ def test_the_shipped_serve_config_is_valid():
     from serve_apps.serve_run import check
 
     assert check(Path(__file__).parent.parent / "configs" / "serve" / "smollm2.yaml") == 1
+
+
+def test_engine_and_router_metrics_reach_rays_metrics_endpoint(served, metrics_port):
+    """Per-replica engine metrics and the kv_aware router's decisions, on Ray's Prometheus endpoint."""
+    for i in range(3):
+        assert _post(f"{served}/v1/completions", {"model": "tiny", "prompt": list(range(500, 540)) + [i],
+                                                  "max_tokens": 3})[0] == 200
+    wanted = ["ray_rayfoundry_engine_generation_tokens_total", "ray_rayfoundry_engine_prefix_cache_hit_rate",
+              "ray_rayfoundry_engine_time_to_first_token_seconds_bucket", "ray_rayfoundry_router_decisions_total",
+              "ray_rayfoundry_router_prompt_tokens_total"]
+    deadline, lines = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            lines = [line for line in response.read().decode().splitlines() if 'model="tiny"' in line]
+        if all(any(line.startswith(name) for line in lines) for name in wanted):
+            break
+        time.sleep(1)
+    missing = [name for name in wanted if not any(line.startswith(name) for line in lines)]
+    assert not missing, missing
+    hit_rates = [float(line.rsplit(" ", 1)[1]) for line in lines
+                 if line.startswith("ray_rayfoundry_engine_prefix_cache_hit_rate")]
+    assert all(0 <= rate <= 1 for rate in hit_rates) and max(hit_rates) > 0  # the repeats hit
+    assert any('reason="prefix"' in line for line in lines if line.startswith("ray_rayfoundry_router_decisions"))
+    assert all('replica="' in line for line in lines if line.startswith("ray_rayfoundry_engine_generation"))

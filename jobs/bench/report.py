@@ -45,11 +45,13 @@ def plot_throughput(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def store_results(name: str, rows: list[dict], markdown: str, title: str, store: Store) -> str:
+def store_results(name: str, rows: list[dict], markdown: str, title: str, store: Store,
+                  plot=plot_throughput) -> str:
+    """`plot(rows, path, title)` draws the artifact's PNG."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
         (out / "results.md").write_text(markdown + "\n")
-        plot_throughput(rows, out / "throughput.png", title)
+        plot(rows, out / "throughput.png", title)
         artifact = store.put_dir("results", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", out, {"source": name})
     return artifact.uri

@@ -51,6 +51,7 @@ class RequestOutput:
     new_text: str = ""  # safe to stream: whole characters, never part of a stop string
     text: str = ""  # all text so far
     prompt_logprobs: list | None = None  # PromptLogprob per prompt token after the first, if asked
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class LLMEngine:
@@ -151,7 +152,8 @@ class LLMEngine:
         return RequestOutput(request.request_id, [token.token_id], reason is not None,
                              reason.value if reason else None, request.output_token_ids, request.output_logprobs,
                              detokenizer.take_new_text(finished=reason is not None), detokenizer.text,
-                             request.prompt_logprobs if request.params.prompt_logprobs is not None else None)
+                             request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
+                             request.num_cached_tokens)
 
     def _finish(self, request: Request, status: Status) -> None:
         self.scheduler.finish(request, status)

@@ -31,10 +31,10 @@ class InMemorySink:
 
 
 class RayMetricsSink:
-    """Exports through ray.util.metrics, tagged with the model id."""
+    """Exports through ray.util.metrics, tagged with the model id and the Serve replica."""
 
-    def __init__(self, model: str):
-        self.tags = {"model": model}
+    def __init__(self, model: str, replica: str = ""):
+        self.tags = {"model": model, "replica": replica}
         self._metrics = {spec.name: names.ray_metric(spec) for spec in names.ENGINE_METRICS}
 
     def record(self, spec: MetricSpec, value: float) -> None:
@@ -42,7 +42,7 @@ class RayMetricsSink:
         if spec.kind == "histogram":
             metric.observe(value, tags=self.tags)
         elif spec.kind == "counter":
-            metric.inc(value, tags=self.tags)
+            names.increment(metric, value, self.tags)
         else:
             metric.set(value, tags=self.tags)
 
@@ -51,6 +51,7 @@ class EngineMetrics:
     def __init__(self, sink=None):
         self.sink = sink or InMemorySink()
         self._last_token_time: dict[str, float] = {}
+        self._prefix_queried = self._prefix_hits = 0
 
     def on_token(self, request: Request, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -77,4 +78,8 @@ class EngineMetrics:
         self.sink.record(names.KV_CACHE_USAGE, kv_usage)
         self.sink.record(names.PREFIX_CACHE_QUERIES, new_queried)
         self.sink.record(names.PREFIX_CACHE_HITS, new_hits)
+        self._prefix_queried += new_queried
+        self._prefix_hits += new_hits
+        if self._prefix_queried:
+            self.sink.record(names.PREFIX_CACHE_HIT_RATE, self._prefix_hits / self._prefix_queried)
         self.sink.record(names.PREEMPTIONS, new_preemptions)

@@ -32,6 +32,7 @@ class Request:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held when first scheduled
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     output_logprobs: list = field(default_factory=list)  # one SampledToken per output token

@@ -96,6 +96,7 @@ class Scheduler:
             request.status = Status.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = num_cached
             self.running.append(self.waiting.popleft())
             out.scheduled.append(Scheduled.of(request, num_new))
             budget -= num_new

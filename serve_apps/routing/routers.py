@@ -15,6 +15,7 @@ from collections import Counter
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from cluster import metrics as names
 from serve_apps.engine.block_hash import hash_full_blocks
 from serve_apps.routing.kv_aware_state import KVAwareRouterState
 
@@ -46,6 +47,9 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         self.state = KVAwareRouterState(max_imbalance)
         self._in_flight: Counter[str] = Counter()  # requests this router sent and not yet finished
         self._applied_stats: dict[str, dict] = {}  # replica -> the stats report last applied
+        # The deployment is "LLMServer:<model id>" (serve_apps.app); metrics carry the model id.
+        self._model = self._deployment_id.name.split(":", 1)[-1]
+        self._metrics = {spec.name: names.ray_metric(spec) for spec in names.ROUTER_METRICS}
 
     def _refresh(self, replicas: list[RunningReplica]) -> None:
         """Apply each replica's latest routing stats, once per report."""
@@ -69,11 +73,20 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         decision = self.state.choose(self._prompt_hashes(pending_request),
                                      {rid: self._in_flight[rid] for rid in by_id})
+        self._metrics[names.ROUTER_DECISIONS.name].inc(
+            tags={"model": self._model, "reason": decision.reason, "replica": decision.ranked[0]})
         return [[by_id[rid]] for rid in decision.ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
-        self._in_flight[replica_id.unique_id] += 1
-        self.state.record_routed(replica_id.unique_id, self._prompt_hashes(pending_request))
+        replica, hashes = replica_id.unique_id, self._prompt_hashes(pending_request)
+        tags = {"model": self._model, "replica": replica}
+        names.increment(self._metrics[names.ROUTER_MATCHED_TOKENS.name],
+                        self.state.matched_blocks(replica, hashes) * self.block_size, tags)
+        if pending_request is not None and len(pending_request.args) > TOKEN_IDS_ARG:
+            names.increment(self._metrics[names.ROUTER_PROMPT_TOKENS.name],
+                            len(pending_request.args[TOKEN_IDS_ARG]), tags)
+        self._in_flight[replica] += 1
+        self.state.record_routed(replica, hashes)
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         self._in_flight[replica_id.unique_id] = max(0, self._in_flight[replica_id.unique_id] - 1)
