@@ -40,11 +40,13 @@ PREFIX_CACHE_HITS = MetricSpec("rayfoundry_engine_prefix_cache_hit_tokens_total"
 PREFIX_CACHE_HIT_RATE = MetricSpec("rayfoundry_engine_prefix_cache_hit_rate", "gauge",
                                    "Prompt tokens found in the prefix cache / looked up, since the replica started.")
 PREEMPTIONS = MetricSpec("rayfoundry_engine_preemptions_total", "counter", "Requests preempted for recompute.")
+REQUESTS_ABORTED = MetricSpec("rayfoundry_engine_aborted_requests_total", "counter",
+                              "Requests aborted before they finished (the client went away).")
 
 ENGINE_METRICS = (
     TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, END_TO_END_LATENCY, QUEUE_TIME, PROMPT_TOKENS, GENERATION_TOKENS,
     REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_USAGE, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS,
-    PREFIX_CACHE_HIT_RATE, PREEMPTIONS,
+    PREFIX_CACHE_HIT_RATE, PREEMPTIONS, REQUESTS_ABORTED,
 )
 
 # Recorded by the kv_aware request router (in the ingress): one per decision, by its reason

@@ -26,6 +26,7 @@ class AutoscalingConfig(StrictConfig):
     target_ongoing_requests: float = Field(8, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="ongoing requests are averaged over this window")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -83,7 +84,8 @@ def _deployment_options(model: ModelConfig) -> dict:
         options["autoscaling_config"] = {
             "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
             "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s}
+            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": scaling.look_back_period_s}
     return options
 
 

@@ -235,7 +235,7 @@ class Ingress:
         try:
             body.sampling_params(0, 1, None)  # the same checks the engine makes, before any work
             if isinstance(body, ChatCompletionRequest):
-                token_ids = prompts.chat([m.model_dump(exclude_none=True) for m in body.messages])
+                token_ids = prompts.chat(body.messages)
             else:
                 token_ids = prompts.completion(body.prompt)
         except ValueError as error:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from serve_apps.engine.sampling_params import SamplingParams
 
@@ -70,8 +70,14 @@ class ChatMessage(_Body):
     name: str | None = None
 
 
+def _plain(message: ChatMessage) -> dict:
+    return message.model_dump(exclude_none=True)
+
+
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    # Checked as ChatMessage, kept as plain dicts: what chat templates read, and what Ray's prefix
+    # router reads from a request's arguments (it sees no text in other objects).
+    messages: list[Annotated[ChatMessage, AfterValidator(_plain)]] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -77,9 +77,8 @@ def smollm2_dir(smollm2_home) -> Path:
     return smollm2_home / "store" / "models" / "smollm2-135m-instruct"
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and a 64-token context."""
+def _tiny_llama(out: Path, smollm2_dir: Path, context: int) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -87,13 +86,24 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
     )
-    out = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and a 64-token context."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_long_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """The same with a 4,096-token context: room for generations long enough to interrupt."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama-long"), smollm2_dir, 4096)
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -28,9 +28,9 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama_dir, metrics_port):
-    """`serve.run` of build_app on a fresh local Ray (3 logical CPUs: the ingress and three
-    replicas at 0.5 each); yields the base URL."""
+def served(tiny_llama_dir, tiny_llama_long_dir, metrics_port):
+    """`serve.run` of build_app on a fresh local Ray (3 logical CPUs: the ingress and five replicas
+    at 0.5 each); yields the base URL."""
     import os
 
     import ray
@@ -50,7 +50,11 @@ def served(tiny_llama_dir, metrics_port):
                                  "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}},
                                 {"model_id": "tight", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
                                  "max_ongoing_requests": 1, "max_queued_requests": 1,
-                                 "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}],
+                                 "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}},
+                                {"model_id": "long", "model": str(tiny_llama_long_dir), "num_cpus_per_replica": 0.5,
+                                 "engine": {"num_blocks": 256, "max_num_batched_tokens": 256}},
+                                {"model_id": "ray-prefix", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
+                                 "router": "ray_prefix", "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}],
                      "api_keys": [API_KEY]})
     serve.run(app, name="llm", route_prefix="/")
     try:
@@ -138,7 +142,7 @@ def test_requests_without_the_api_key_are_refused(served, key):
 
 
 def test_models_and_health(client, served):
-    assert [m.id for m in client.models.list()] == ["tiny", "tight"]
+    assert [m.id for m in client.models.list()] == ["tiny", "tight", "long", "ray-prefix"]
     with urllib.request.urlopen(f"{served}/health", timeout=10) as response:
         assert response.status == 200
 
@@ -255,3 +259,46 @@ def test_engine_and_router_metrics_reach_rays_metrics_endpoint(served, metrics_p
     assert all(0 <= rate <= 1 for rate in hit_rates) and max(hit_rates) > 0  # the repeats hit
     assert any('reason="prefix"' in line for line in lines if line.startswith("ray_rayfoundry_router_decisions"))
     assert all('replica="' in line for line in lines if line.startswith("ray_rayfoundry_engine_generation"))
+
+
+def _scrape(metrics_port: int, name: str, model: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
+                   if line.startswith(name) and f'model="{model}"' in line)
+
+
+def test_a_client_that_disconnects_aborts_its_request_and_frees_its_blocks(served, metrics_port):
+    """A stream of 3,000 tokens, dropped after its first chunk: the engine aborts it."""
+    import http.client
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer:long", app_name="llm")
+    body = {"model": "long", "prompt": "Once", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    connection = http.client.HTTPConnection(served.removeprefix("http://"), timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps(body),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    assert handle.record_routing_stats.remote().result()["num_requests"] == 1
+    connection.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+    connection.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+            _scrape(metrics_port, "ray_rayfoundry_engine_aborted_requests_total", "long") < 1
+            or handle.record_routing_stats.remote().result()["num_requests"]):
+        time.sleep(0.5)
+    stats = handle.record_routing_stats.remote().result()
+    assert stats["num_requests"] == 0 and stats["num_free_blocks"] == 256
+    assert _scrape(metrics_port, "ray_rayfoundry_engine_aborted_requests_total", "long") == 1
+    assert _scrape(metrics_port, "ray_rayfoundry_engine_generation_tokens_total", "long") < 3000
+
+
+def test_ray_prefix_router_serves_token_ids_chat_and_several_choices(client):
+    """Ray's router finds no text in a prompt of token ids (it would divide by zero and leave the
+    request pending forever) and, without FIFO, could strand one of n choices; ours guards both."""
+    tokens = client.completions.create(model="ray-prefix", prompt=[1000, 1001, 1002], max_tokens=3, timeout=30)
+    assert tokens.usage.completion_tokens == 3
+    chat = client.chat.completions.create(model="ray-prefix", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3, n=3, seed=1, timeout=30)
+    assert len(chat.choices) == 3

@@ -157,7 +157,9 @@ class LLMEngine:
 
     def _finish(self, request: Request, status: Status) -> None:
         self.scheduler.finish(request, status)
-        if status is not Status.FINISHED_ABORT:
+        if status is Status.FINISHED_ABORT:
+            self.metrics.on_abort(request)
+        else:
             self.metrics.on_finish(request)
         self.requests.pop(request.request_id, None)
         self.detokenizers.pop(request.request_id, None)

@@ -71,6 +71,10 @@ class EngineMetrics:
             self.sink.record(names.QUEUE_TIME, request.first_scheduled_time - request.arrival_time)
         self.sink.record(names.PROMPT_TOKENS, request.num_prompt_tokens)
 
+    def on_abort(self, request: Request) -> None:
+        self._last_token_time.pop(request.request_id, None)
+        self.sink.record(names.REQUESTS_ABORTED, 1)
+
     def on_step(self, num_running: int, num_waiting: int, kv_usage: float, new_queried: int, new_hits: int,
                 new_preemptions: int) -> None:
         self.sink.record(names.REQUESTS_RUNNING, num_running)

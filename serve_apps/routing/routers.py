@@ -2,7 +2,8 @@
 
 - round_robin: each request to the next replica in turn, blind to load and caches.
 - pow2: Serve's default, the less loaded of two random replicas.
-- ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter (a character prefix tree of prompts).
+- ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter (a character prefix tree of prompts),
+  with two guards (see RayPrefixRouter).
 - kv_aware: ours, the replica whose prefix cache holds the longest prefix of the prompt's blocks
   (the engine's own block hashes) unless load is too uneven (serve_apps/routing/kv_aware_state.py).
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+# Ray Serve LLM's prefix router is importable without vLLM from here.
+from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from cluster import metrics as names
@@ -22,7 +26,7 @@ from serve_apps.routing.kv_aware_state import KVAwareRouterState
 ROUTERS = {
     "round_robin": "serve_apps.routing.routers:RoundRobinRouter",
     "pow2": None,  # Serve's default
-    "ray_prefix": "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter",
+    "ray_prefix": "serve_apps.routing.routers:RayPrefixRouter",
     "kv_aware": "serve_apps.routing.routers:KVAwareRouter",
 }
 TOKEN_IDS_ARG = 2  # LLMServer.generate(request, choice, token_ids, echo)
@@ -39,6 +43,25 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         start = next(self._turn) % len(ordered)
         return [[replica] for replica in ordered[start:] + ordered[:start]]
+
+
+class RayPrefixRouter(FIFOMixin, PrefixCacheAffinityRouter):
+    """PrefixCacheAffinityRouter as Ray ships it, but FIFO (as above) and never stuck on a prompt
+    without text (token ids, or empty): it divides by the text's length, and the error leaves the
+    request pending forever. Those go by power of two choices."""
+
+    def _has_text(self, pending_request: PendingRequest | None) -> bool:
+        return pending_request is not None and bool(self._extract_text_from_request(pending_request))
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None and not self._has_text(pending_request):
+            return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        if self._has_text(pending_request):
+            super().on_request_routed(pending_request, replica_id, result)
 
 
 class KVAwareRouter(FIFOMixin, RequestRouter):
