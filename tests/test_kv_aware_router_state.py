@@ -37,12 +37,27 @@ def test_imbalance_overrides_the_prefix():
     assert state.choose(_hashes(SYSTEM_A), {"r1": 5, "r2": 1}).ranked[0] == "r1"  # within the threshold
 
 
-def test_no_prefix_anywhere_falls_back_to_the_less_loaded_of_two():
+def test_a_prompt_without_a_full_block_goes_to_the_less_loaded_of_two():
     state = KVAwareRouterState(seed=1)
     loads = {"r1": 3, "r2": 0, "r3": 5}
-    picks = {state.choose(_hashes(SYSTEM_B), loads).ranked[0] for _ in range(50)}
+    picks = {state.choose([], loads).ranked[0] for _ in range(50)}
     assert picks == {"r1", "r2"}  # pairs (r1,r2)->r2, (r1,r3)->r1, (r2,r3)->r2: r3 never wins a pair
-    assert state.choose(_hashes(SYSTEM_B), loads).reason == "pow2"
+    assert state.choose([], loads).reason == "pow2"
+
+
+def test_a_new_prefix_goes_where_the_fewest_blocks_are_cached():
+    state = KVAwareRouterState(max_imbalance=4, seed=0)
+    state.report("r1", _hashes(SYSTEM_A))
+    state.report("r2", [])
+    decision = state.choose(_hashes(SYSTEM_B), {"r1": 0, "r2": 2})
+    assert decision.ranked[0] == "r2" and decision.reason == "new_prefix"
+    tenants = [list(range(1000 * t, 1000 * t + 64)) for t in range(1, 9)]
+    fresh = KVAwareRouterState(seed=0)
+    for tokens in tenants:  # eight new prefixes arriving together spread four and four
+        replica = fresh.choose(_hashes(tokens), {"r1": 0, "r2": 0}).ranked[0]
+        fresh.record_routed(replica, _hashes(tokens))
+    held = {r: sum(fresh.matched_blocks(r, _hashes(tokens)) == 4 for tokens in tenants) for r in ("r1", "r2")}
+    assert held == {"r1": 4, "r2": 4}
 
 
 def test_a_burst_follows_its_first_request_before_stats_arrive():

@@ -10,63 +10,37 @@ import urllib.request
 
 import pytest
 
+from conftest import free_port, local_serve
+
 openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
-
-
 API_KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def metrics_port() -> int:
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir, tiny_llama_long_dir, metrics_port):
     """`serve.run` of build_app on a fresh local Ray (3 logical CPUs: the ingress and five replicas
     at 0.5 each); yields the base URL."""
-    import os
-
-    import ray
     from ray import serve
 
     from serve_apps.app import build_app
 
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a new local ray.init() would otherwise turn token auth on
-    os.environ["RAY_metrics_report_interval_ms"] = "500"  # so the metrics test need not wait 10 s
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port, runtime_env={"env_vars": {"RAYFOUNDRY_API_KEYS": ""}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"models": [{"model_id": "tiny", "model": str(tiny_llama_dir), "num_replicas": 2,
-                                 "num_cpus_per_replica": 0.5, "router": "kv_aware",
-                                 "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}},
-                                {"model_id": "tight", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
-                                 "max_ongoing_requests": 1, "max_queued_requests": 1,
-                                 "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}},
-                                {"model_id": "long", "model": str(tiny_llama_long_dir), "num_cpus_per_replica": 0.5,
-                                 "engine": {"num_blocks": 256, "max_num_batched_tokens": 256}},
-                                {"model_id": "ray-prefix", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
-                                 "router": "ray_prefix", "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}],
-                     "api_keys": [API_KEY]})
-    serve.run(app, name="llm", route_prefix="/")
-    try:
+    tiny = {"model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
+            "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}
+    models = [{**tiny, "model_id": "tiny", "num_replicas": 2, "router": "kv_aware"},
+              {**tiny, "model_id": "tight", "max_ongoing_requests": 1, "max_queued_requests": 1},
+              {"model_id": "long", "model": str(tiny_llama_long_dir), "num_cpus_per_replica": 0.5,
+               "engine": {"num_blocks": 256, "max_num_batched_tokens": 256}},
+              {**tiny, "model_id": "ray-prefix", "router": "ray_prefix"}]
+    # Metrics reach Ray's endpoint every 0.5 s instead of 10, so the metrics tests need not wait.
+    with local_serve(3, process_env={"RAY_metrics_report_interval_ms": "500"},
+                     _metrics_export_port=metrics_port) as port:
+        serve.run(build_app({"models": models, "api_keys": [API_KEY]}), name="llm", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.pop("RAY_metrics_report_interval_ms")
-        if previous is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous
 
 
 @pytest.fixture

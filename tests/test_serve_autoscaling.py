@@ -2,51 +2,29 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 import urllib.request
 
 import pytest
 
-HANDLE_PUSH_INTERVAL = "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import local_serve
 
 
 @pytest.fixture
 def autoscaled(tiny_llama_dir):
-    import ray
     from ray import serve
 
     from serve_apps.app import build_app
 
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     # Handles report their queue lengths every 0.5 s instead of 10, so the test takes seconds.
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {HANDLE_PUSH_INTERVAL: "0.5", "RAYFOUNDRY_API_KEYS": ""}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": [{
-        "model_id": "tiny", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                        "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 2},
-        "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}]}), name="llm", route_prefix="/")
-    try:
+    with local_serve(3, worker_env={"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}) as port:
+        serve.run(build_app({"models": [{
+            "model_id": "tiny", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                            "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 2},
+            "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}]}), name="llm", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous
 
 
 def _running_replicas() -> int:

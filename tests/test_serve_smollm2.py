@@ -3,51 +3,30 @@ streamed and not, and the README's curl examples as written (on this test's port
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, local_serve
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
 CONFIG = REPO / "configs" / "serve" / "smollm2.yaml"
 MODEL = "smollm2-135m-instruct"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def smollm2_served(smollm2_home):
-    import ray
+    """The config file's application, on a local Ray whose workers read the test's store."""
     from ray import serve
 
     from serve_apps.app import build_app
 
     (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAYFOUNDRY_HOME": str(smollm2_home), "RAYFOUNDRY_API_KEYS": ""}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
-    try:
+    with local_serve(2, worker_env={"RAYFOUNDRY_HOME": str(smollm2_home)}) as port:
+        serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous
 
 
 def test_openai_client_streamed_and_whole(smollm2_served):

@@ -26,6 +26,7 @@ class RequestResult:
     output_tokens: int = 0
     replica: str = ""
     error: str = ""
+    first_message: str = ""  # the shared part of multi-tenant and multi-turn prompts
 
     @property
     def ttft(self) -> float | None:
@@ -37,7 +38,8 @@ class RequestResult:
 
 
 async def _chat(http: aiohttp.ClientSession, url: str, body: dict) -> RequestResult:
-    result = RequestResult(ok=False, start=time.perf_counter(), end=0.0)
+    result = RequestResult(ok=False, start=time.perf_counter(), end=0.0,
+                           first_message=body["messages"][0]["content"])
     try:
         async with http.post(url, json=body) as response:
             result.replica = response.headers.get("X-Rayfoundry-Replica", "")

@@ -12,7 +12,7 @@ from jobs.bench.serve_load import RequestResult
 PERCENTILES = (50, 90, 99)
 COLUMNS = ["policy", "requests", "ok", "seconds", "output_tokens_per_s", "requests_per_s", "prefix_hit_rate",
            *[f"ttft_p{p}_s" for p in PERCENTILES], *[f"itl_p{p}_s" for p in PERCENTILES],
-           *[f"e2e_p{p}_s" for p in PERCENTILES], "replicas_used"]
+           *[f"e2e_p{p}_s" for p in PERCENTILES], "replicas_used", "replicas_per_prefix"]
 
 
 def _percentiles(name: str, values: list[float]) -> dict:
@@ -34,8 +34,17 @@ def summarize(policy: str, results: list[RequestResult], wall_s: float) -> dict:
         **_percentiles("itl", [gap for r in ok for gap in r.inter_token_latencies]),
         **_percentiles("e2e", [r.end - r.start for r in ok]),
         "replicas_used": len({r.replica for r in ok}),
+        "replicas_per_prefix": _replicas_per_prefix(ok),
         "errors": "; ".join(sorted({r.error for r in results if r.error}))[:500],
     }
+
+
+def _replicas_per_prefix(results: list[RequestResult]) -> float:
+    """How many replicas served each distinct first message, on average (1: perfect affinity)."""
+    by_prefix: dict[str, set[str]] = {}
+    for r in results:
+        by_prefix.setdefault(r.first_message, set()).add(r.replica)
+    return sum(map(len, by_prefix.values())) / len(by_prefix) if by_prefix else 0.0
 
 
 def ratios(rows: list[dict], ours: str = "kv_aware") -> list[dict]:

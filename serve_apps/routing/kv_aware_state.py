@@ -6,7 +6,12 @@ known by the hashes of its prompt's full blocks. The rule:
 
 1. Replicas whose load exceeds the least loaded one's by more than `max_imbalance` are out.
 2. Of the rest, the one holding the longest cached prefix of the prompt wins (ties: less load).
-3. If none holds even the first block, power of two choices: the less loaded of two at random.
+3. If none holds even the first block, the prompt starts a new prefix: the replica caching the
+   fewest blocks takes it (ties: less load), so prefixes spread over the replicas' caches rather
+   than crowd one and evict each other. If a replica that does hold it was left out in 1, the
+   least loaded replica takes it.
+4. A prompt shorter than one block has nothing to share: power of two choices, the less loaded of
+   two at random.
 
 Between stats reports the state assumes a replica will cache what it was sent (it will, once
 the prefill runs), so a burst sharing a new prefix follows its first request. Those assumed
@@ -28,7 +33,7 @@ from serve_apps.engine.block_hash import BlockHash
 class Decision:
     ranked: list[str]  # replica ids, most preferred first
     matched_blocks: int  # of the winner
-    reason: str  # "prefix", "least_loaded" (imbalance), "pow2" (no prefix anywhere)
+    reason: str  # "prefix", "least_loaded" (imbalance), "new_prefix", "pow2" (no full block)
 
 
 @dataclass
@@ -38,6 +43,9 @@ class _Replica:
 
     def holds(self, block_hash: BlockHash, now: float) -> bool:
         return block_hash in self.cached or self.routed.get(block_hash, -1.0) > now
+
+    def num_blocks(self, now: float) -> int:
+        return len(self.cached) + sum(expiry > now for expiry in self.routed.values())
 
 
 class KVAwareRouterState:
@@ -92,6 +100,9 @@ class KVAwareRouterState:
             reason = "prefix"
         elif len(balanced) < len(loads):
             best, reason = min(loads, key=loads.get), "least_loaded"
+        elif hashes:
+            best = min(balanced, key=lambda r: (self._replicas.get(r, _Replica()).num_blocks(now), loads[r]))
+            reason = "new_prefix"
         else:
             pair = self._rng.sample(list(loads), min(2, len(loads)))
             best, reason = min(pair, key=loads.get), "pow2"
