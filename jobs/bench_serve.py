@@ -31,6 +31,7 @@ from jobs.bench.serve_report import COLUMNS, ratios, store_serve_results, summar
 from jobs.bench.serve_workloads import WorkloadConfig, build_sessions, word_list
 from jobs.models.load import model_dir
 from serve_apps.engine.llm_engine import EngineConfig
+from serve_apps.routing.kv_aware_state import DEFAULT_MAX_IMBALANCE
 
 Policy = Literal["kv_aware", "ray_prefix", "pow2", "round_robin"]
 MODEL_ID = "bench"
@@ -43,7 +44,7 @@ class BenchServeConfig(StrictConfig):
     replicas: int = Field(2, ge=1)
     num_cpus_per_replica: float = Field(1.0, gt=0)
     max_ongoing_requests: int = Field(64, ge=1, description="per replica")
-    max_imbalance: int = Field(8, ge=0, description="kv_aware's load-imbalance threshold")
+    max_imbalance: int = Field(DEFAULT_MAX_IMBALANCE, ge=0, description="kv_aware's load-imbalance threshold")
     engine: EngineConfig = EngineConfig()
     workload: WorkloadConfig = WorkloadConfig()
     max_tokens: int = Field(32, ge=1, description="output tokens per request (EOS ignored)")

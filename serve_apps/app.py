@@ -15,6 +15,7 @@ from cluster.config import StrictConfig, parse_config
 from serve_apps.engine.llm_engine import EngineConfig
 from serve_apps.ingress import Ingress
 from serve_apps.llm_server import LLMServer
+from serve_apps.routing.kv_aware_state import DEFAULT_MAX_IMBALANCE
 from serve_apps.routing.routers import ROUTERS
 
 RETRY_AFTER_S = 1  # what a 429 (the model's queue is full) tells clients to wait
@@ -45,7 +46,8 @@ class ModelConfig(StrictConfig):
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue")
     max_queued_requests: int = Field(128, ge=-1, description="beyond it: 429 with Retry-After; -1: no limit")
     router: Literal["kv_aware", "pow2", "round_robin", "ray_prefix"] = "kv_aware"
-    max_imbalance: int = Field(8, ge=0, description="kv_aware: in-flight requests a cached prefix may cost")
+    max_imbalance: int = Field(DEFAULT_MAX_IMBALANCE, ge=0,
+                               description="kv_aware: in-flight requests a cached prefix may cost")
     routing_stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their caches")
 
 

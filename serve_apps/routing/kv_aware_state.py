@@ -29,6 +29,12 @@ from dataclasses import dataclass, field
 from serve_apps.engine.block_hash import BlockHash
 
 
+# A replica batches its requests, so a few more in flight cost it little, while sending a request
+# away from its cached prefix costs a whole prefill (and a second copy of the prefix): tolerate a
+# batch's worth of imbalance before spilling.
+DEFAULT_MAX_IMBALANCE = 16
+
+
 @dataclass
 class Decision:
     ranked: list[str]  # replica ids, most preferred first
@@ -49,7 +55,7 @@ class _Replica:
 
 
 class KVAwareRouterState:
-    def __init__(self, max_imbalance: int = 8, seed: int | None = None, routed_ttl_s: float = 30.0):
+    def __init__(self, max_imbalance: int = DEFAULT_MAX_IMBALANCE, seed: int | None = None, routed_ttl_s: float = 30.0):
         if max_imbalance < 0:
             raise ValueError(f"max_imbalance must be >= 0, got {max_imbalance}")
         if routed_ttl_s <= 0:

@@ -21,7 +21,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from cluster import metrics as names
 from serve_apps.engine.block_hash import hash_full_blocks
-from serve_apps.routing.kv_aware_state import KVAwareRouterState
+from serve_apps.routing.kv_aware_state import DEFAULT_MAX_IMBALANCE, KVAwareRouterState
 
 ROUTERS = {
     "round_robin": "serve_apps.routing.routers:RoundRobinRouter",
@@ -65,7 +65,7 @@ class RayPrefixRouter(FIFOMixin, PrefixCacheAffinityRouter):
 
 
 class KVAwareRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, block_size: int = 16, max_imbalance: int = 8):
+    def initialize_state(self, block_size: int = 16, max_imbalance: int = DEFAULT_MAX_IMBALANCE):
         self.block_size = block_size
         self.state = KVAwareRouterState(max_imbalance)
         self._in_flight: Counter[str] = Counter()  # requests this router sent and not yet finished
