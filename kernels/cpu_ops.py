@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("bindings.cpp", "paged_attention_cpu.cpp", "norm_rotary_cpu.cpp")]
+           for name in ("bindings.cpp", "paged_attention_cpu.cpp", "norm_rotary_cpu.cpp", "int8_linear_cpu.cpp")]
 
 
 @functools.cache

@@ -5,10 +5,12 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor k_cache, torch
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged decode attention (float32, CPU)");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) (in place)");
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
+  m.def("int8_linear", &int8_linear, "x @ (int8 codes * group scales)^T, for few rows (float32, CPU)");
 }

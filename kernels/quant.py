@@ -1,0 +1,129 @@
+"""Integer quantization of weights: the math every compressed layer and algorithm builds on.
+
+A QuantSpec says how: bits (2..8), symmetric or not, and the granularity — one scale per tensor,
+per output channel (row), or per group of `group_size` consecutive inputs within a row.
+`quantize` returns a QTensor (integer codes, scales, zero points); `dequantize` inverts it up to
+rounding; `fake_quantize` does both in one differentiable step (straight-through estimator), so
+quantization-aware training sees the rounding in its forward pass and passes gradients through.
+
+Codes are one byte whatever the bit width: int8 for symmetric, uint8 (offset by the zero point)
+for asymmetric; `pack_int4` puts two 4-bit codes in a byte for storage and the int4 kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel", "group"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Granularity = "channel"
+    group_size: int | None = None  # with granularity "group"
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in [2, 8], got {self.bits}")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise ValueError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ValueError("group_size is given exactly when granularity is 'group'")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+@dataclass
+class QTensor:
+    codes: torch.Tensor  # the weight's shape; int8 (symmetric) or uint8 (asymmetric)
+    scale: torch.Tensor  # float32, [rows, groups per row] (tensor: [1, 1]; channel: [rows, 1])
+    zero: torch.Tensor | None  # int32 like scale; None when symmetric
+    spec: QuantSpec
+
+
+def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View the 2-D weight as [rows or 1, groups, group length] for the spec's granularity."""
+    if weight.dim() != 2:
+        raise ValueError(f"weights to quantize must be 2-D, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if spec.granularity == "tensor":
+        return weight.reshape(1, 1, rows * cols)
+    if spec.granularity == "channel":
+        return weight.reshape(rows, 1, cols)
+    if cols % spec.group_size:
+        raise ValueError(f"group_size {spec.group_size} does not divide the input dimension {cols}")
+    return weight.reshape(rows, cols // spec.group_size, spec.group_size)
+
+
+def scales_and_zeros(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest ranges: symmetric maps max|w| to qmax; asymmetric maps [min, max] to [0, qmax]."""
+    groups = _grouped(weight.detach().float(), spec)
+    tiny = torch.finfo(torch.float32).tiny
+    if spec.symmetric:
+        scale = groups.abs().amax(-1) / spec.qmax
+        return scale.clamp_min(tiny), None
+    low = groups.amin(-1).clamp_max(0)
+    high = groups.amax(-1).clamp_min(0)
+    scale = ((high - low) / spec.qmax).clamp_min(tiny)
+    zero = torch.round(-low / scale).clamp(0, spec.qmax).to(torch.int32)
+    return scale, zero
+
+
+def quantize(weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+             zero: torch.Tensor | None = None) -> QTensor:
+    """Round each weight to its code; scale/zero default to the round-to-nearest ranges."""
+    if scale is None:
+        scale, zero = scales_and_zeros(weight, spec)
+    groups = _grouped(weight.detach().float(), spec)
+    shifted = groups / scale.unsqueeze(-1) + (0 if zero is None else zero.unsqueeze(-1))
+    codes = torch.round(shifted).clamp(spec.qmin, spec.qmax).to(torch.int8 if spec.symmetric else torch.uint8)
+    return QTensor(codes.reshape(weight.shape), scale, zero, spec)
+
+
+def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    groups = _grouped(q.codes.to(torch.float32), q.spec)
+    if q.zero is not None:
+        groups = groups - q.zero.unsqueeze(-1)
+    return (groups * q.scale.unsqueeze(-1)).reshape(q.codes.shape).to(dtype)
+
+
+class _RoundTrip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        return dequantize(quantize(weight, spec), weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None  # straight through: rounding treated as the identity
+
+
+def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """quantize then dequantize, with the straight-through estimator as its gradient."""
+    return _RoundTrip.apply(weight, spec)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last dimension (low nibble first); codes in [-8, 15]."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {codes.shape[-1]}")
+    nibbles = codes.to(torch.uint8) & 0xF
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """Inverse of pack_int4: int8 codes, sign-extended when `signed`."""
+    low, high = packed & 0xF, packed >> 4
+    nibbles = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles) if signed else nibbles

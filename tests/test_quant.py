@@ -1,0 +1,73 @@
+"""Quantization primitives and the int8 weight-only linear against their torch references."""
+import pytest
+import torch
+from torch import nn
+
+from kernels.quant import QuantSpec, dequantize, fake_quantize, pack_int4, quantize, unpack_int4
+from kernels.quant_linear import Int8WeightOnlyLinear
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, False), QuantSpec(4, True, "group", 32),
+                                  QuantSpec(4, False, "group", 32), QuantSpec(3, True, "tensor"),
+                                  QuantSpec(2, False, "channel")])
+def test_round_trip_error_is_at_most_half_a_step(spec):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 64) + 0.3
+    q = quantize(weight, spec)
+    assert q.codes.dtype == (torch.int8 if spec.symmetric else torch.uint8)
+    assert int(q.codes.min()) >= spec.qmin and int(q.codes.max()) <= spec.qmax
+    shape = {"tensor": (1, 1, -1), "channel": (24, 1, -1), "group": (24, -1, spec.group_size)}[spec.granularity]
+    worst = (dequantize(q) - weight).reshape(shape).abs().amax(-1)  # per scale
+    assert worst.shape == q.scale.shape and (worst <= q.scale / 2 + 1e-6).all()
+
+
+def test_fake_quantize_rounds_forward_and_passes_gradients_straight_through():
+    weight = torch.randn(8, 32, requires_grad=True)
+    spec = QuantSpec(4, True, "group", 16)
+    out = fake_quantize(weight, spec)
+    assert torch.equal(out, dequantize(quantize(weight, spec)))
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.ones_like(weight))
+
+
+def test_int4_packing_round_trips_two_codes_per_byte():
+    codes = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 6)
+    assert torch.equal(unpack_int4(packed), codes)
+    unsigned = torch.randint(0, 16, (3, 4), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(unsigned), signed=False), unsigned.to(torch.int8))
+
+
+@pytest.mark.parametrize("bad, match", [(dict(bits=9), "bits"), (dict(bits=1), "bits"),
+                                        (dict(granularity="group"), "group_size"),
+                                        (dict(granularity="row"), "granularity")])
+def test_bad_specs_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        QuantSpec(**bad)
+
+
+def test_a_group_size_that_does_not_divide_the_row_is_refused():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(torch.randn(4, 60), QuantSpec(4, True, "group", 32))
+
+
+# Shapes cover the kernel's 4x4 tiles and their tails: rows of x 1..9, output rows not a multiple
+# of 4, groups of 128 and whole rows, and a row length that is not a multiple of 16 (portable path).
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("in_features, out_features, group_size", [(256, 38, None), (256, 40, 128), (72, 9, None)])
+def test_int8_linear_matches_its_reference(rows, in_features, out_features, group_size):
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features)
+    layer = Int8WeightOnlyLinear.from_linear(linear, group_size)
+    x = torch.randn(2, rows, in_features)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference(x)
+    assert out.shape == (2, rows, out_features)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-4)
+    assert (out - linear(x)).abs().max() < 0.05  # and near the float layer it came from
+
+
+def test_int8_linear_refuses_mismatched_scales():
+    with pytest.raises(ValueError, match="does not fit"):
+        Int8WeightOnlyLinear(torch.zeros(4, 30, dtype=torch.int8), torch.ones(4, 4))
