@@ -13,8 +13,8 @@ import os
 import warnings
 from pathlib import Path
 
-SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("bindings.cpp", "paged_attention_cpu.cpp", "norm_rotary_cpu.cpp", "int8_linear_cpu.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in (
+    "bindings.cpp", "paged_attention_cpu.cpp", "norm_rotary_cpu.cpp", "weight_only_linear_cpu.cpp")]
 
 
 @functools.cache

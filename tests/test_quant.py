@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from kernels.quant import QuantSpec, dequantize, fake_quantize, pack_int4, quantize, unpack_int4
-from kernels.quant_linear import Int8WeightOnlyLinear
+from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, False), QuantSpec(4, True, "group", 32),
@@ -53,21 +53,33 @@ def test_a_group_size_that_does_not_divide_the_row_is_refused():
 
 
 # Shapes cover the kernel's 4x4 tiles and their tails: rows of x 1..9, output rows not a multiple
-# of 4, groups of 128 and whole rows, and a row length that is not a multiple of 16 (portable path).
+# of 4, groups of 128, 32 and whole rows, and groups whose length is not a multiple of 16 (the
+# portable path).
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
-@pytest.mark.parametrize("in_features, out_features, group_size", [(256, 38, None), (256, 40, 128), (72, 9, None)])
-def test_int8_linear_matches_its_reference(rows, in_features, out_features, group_size):
+@pytest.mark.parametrize("layer_class, in_features, out_features, group_size", [
+    (Int8WeightOnlyLinear, 256, 38, None), (Int8WeightOnlyLinear, 256, 40, 128), (Int8WeightOnlyLinear, 72, 9, None),
+    (Int4WeightOnlyLinear, 256, 38, 128), (Int4WeightOnlyLinear, 256, 40, 32), (Int4WeightOnlyLinear, 72, 9, 24),
+    (Int4WeightOnlyLinear, 256, 12, None)])
+def test_weight_only_linear_matches_its_reference(rows, layer_class, in_features, out_features, group_size):
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features)
-    layer = Int8WeightOnlyLinear.from_linear(linear, group_size)
+    layer = layer_class.from_linear(linear, group_size)
     x = torch.randn(2, rows, in_features)
     with torch.no_grad():
         out, reference = layer(x), layer.reference(x)
     assert out.shape == (2, rows, out_features)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-4)
-    assert (out - linear(x)).abs().max() < 0.05  # and near the float layer it came from
+    near = 0.05 if layer.bits == 8 else 0.5  # and near the float layer it came from
+    assert (out - linear(x)).abs().max() < near
 
 
-def test_int8_linear_refuses_mismatched_scales():
+def test_int4_layer_stores_an_eighth_of_the_fp32_bytes():
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(256, 64, bias=False), group_size=128)
+    assert layer.codes.numel() * layer.codes.element_size() == 256 * 64 * 4 // 8
+
+
+def test_weight_only_linears_refuse_mismatched_inputs():
     with pytest.raises(ValueError, match="does not fit"):
         Int8WeightOnlyLinear(torch.zeros(4, 30, dtype=torch.int8), torch.ones(4, 4))
+    with pytest.raises(ValueError, match="uint8"):
+        Int4WeightOnlyLinear(torch.zeros(4, 30, dtype=torch.int8), torch.ones(4, 1))

@@ -6,6 +6,7 @@ void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales);
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged decode attention (float32, CPU)");
@@ -13,4 +14,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
   m.def("int8_linear", &int8_linear, "x @ (int8 codes * group scales)^T, for few rows (float32, CPU)");
+  m.def("int4_linear", &int4_linear, "x @ (packed int4 codes * group scales)^T, for few rows (float32, CPU)");
 }

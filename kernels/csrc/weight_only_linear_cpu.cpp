@@ -1,0 +1,165 @@
+// Weight-only quantized linears for decode-sized batches: y = x @ dequant(W)^T, W as int8 codes
+// or signed int4 codes two per byte (low nibble first, kernels/quant.py:pack_int4), with one
+// float scale per (output row, group of inputs). At a few rows of x the product is bound by
+// reading W; reading a quarter (int8) or an eighth (int4) of fp32's bytes and widening codes in
+// registers is what makes it faster. A tile of 4 output rows x up to 4 rows of x keeps 16
+// independent accumulators in registers: each widened code vector is used up to 4 times and the
+// FMAs do not wait on each other. float32, CPU; AVX-512 where the compiler targets it, a
+// portable loop elsewhere and for tails.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kTileN = 4;  // output rows per tile
+constexpr int64_t kTileM = 4;  // rows of x per tile
+
+struct Int8Codes {
+  using Byte = int8_t;
+  static int64_t row_bytes(int64_t in) { return in; }
+  static float code(const Byte* row, int64_t k) { return static_cast<float>(row[k]); }
+#if defined(__AVX512F__)
+  static __m512 widen16(const Byte* row, int64_t k) {  // codes k..k+15 as floats
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
+  }
+#endif
+};
+
+struct Int4Codes {
+  using Byte = uint8_t;
+  static int64_t row_bytes(int64_t in) { return in / 2; }
+  static float code(const Byte* row, int64_t k) {
+    const int nibble = (k & 1) ? (row[k >> 1] >> 4) : (row[k >> 1] & 0xF);
+    return static_cast<float>(nibble >= 8 ? nibble - 16 : nibble);
+  }
+#if defined(__AVX512F__)
+  static __m512 widen16(const Byte* row, int64_t k) {  // 8 bytes -> codes k..k+15 in input order
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
+    const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+    const __m128i codes = _mm_sub_epi8(_mm_xor_si128(nibbles, eight), eight);  // [0, 16) -> [-8, 8)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+  }
+#endif
+};
+
+template <class Codes>
+struct Problem {
+  const float* x;
+  int64_t x_stride;
+  const typename Codes::Byte* codes;
+  const float* scales;
+  float* y;
+  int64_t rows, in, out, groups, group;
+
+  const typename Codes::Byte* row(int64_t n) const { return codes + n * Codes::row_bytes(in); }
+};
+
+// One output element, any shape: the path for tails and builds without AVX-512.
+template <class Codes>
+float dot_scaled(const Problem<Codes>& p, int64_t n, int64_t m) {
+  const auto* w = p.row(n);
+  const float* xm = p.x + m * p.x_stride;
+  float total = 0.f;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    float acc = 0.f;
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) acc += xm[k] * Codes::code(w, k);
+    total += acc * p.scales[n * p.groups + g];
+  }
+  return total;
+}
+
+#if defined(__AVX512F__)
+// Output rows n..n+3 for x rows m..m+MB-1; the group length is a multiple of 16. With groups,
+// widened codes are scaled in registers so the accumulators run across groups; with one scale
+// per row (kPerRow) the scale waits until the single reduction at the end.
+template <class Codes, int MB, bool kPerRow>
+void tile(const Problem<Codes>& p, int64_t n, int64_t m) {
+  __m512 acc[kTileN][MB];
+  for (int i = 0; i < kTileN; ++i)
+    for (int j = 0; j < MB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 scale[kTileN];
+    for (int i = 0; i < kTileN; ++i) scale[i] = _mm512_set1_ps(p.scales[(n + i) * p.groups + g]);
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 16) {
+      __m512 xv[MB];
+      for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_ps(p.x + (m + j) * p.x_stride + k);
+      for (int i = 0; i < kTileN; ++i) {
+        __m512 w = Codes::widen16(p.row(n + i), k);
+        if constexpr (!kPerRow) w = _mm512_mul_ps(w, scale[i]);
+        for (int j = 0; j < MB; ++j) acc[i][j] = _mm512_fmadd_ps(xv[j], w, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < kTileN; ++i) {
+    const float scale = kPerRow ? p.scales[n + i] : 1.f;
+    for (int j = 0; j < MB; ++j) p.y[(m + j) * p.out + n + i] = _mm512_reduce_add_ps(acc[i][j]) * scale;
+  }
+}
+
+template <class Codes, bool kPerRow>
+void tile_rows(const Problem<Codes>& p, int64_t n, int64_t m, int64_t mb) {
+  switch (mb) {
+    case 1: return tile<Codes, 1, kPerRow>(p, n, m);
+    case 2: return tile<Codes, 2, kPerRow>(p, n, m);
+    case 3: return tile<Codes, 3, kPerRow>(p, n, m);
+    default: return tile<Codes, 4, kPerRow>(p, n, m);
+  }
+}
+
+template <class Codes>
+void tile_rows(const Problem<Codes>& p, int64_t n, int64_t m, int64_t mb) {
+  if (p.groups == 1) return tile_rows<Codes, true>(p, n, m, mb);
+  tile_rows<Codes, false>(p, n, m, mb);
+}
+#endif
+
+template <class Codes>
+void output_rows(const Problem<Codes>& p, int64_t begin, int64_t end) {
+  int64_t n = begin;
+#if defined(__AVX512F__)
+  if (p.group % 16 == 0) {
+    for (; n + kTileN <= end; n += kTileN)
+      for (int64_t m = 0; m < p.rows; m += kTileM) tile_rows(p, n, m, std::min(kTileM, p.rows - m));
+  }
+#endif
+  for (; n < end; ++n)
+    for (int64_t m = 0; m < p.rows; ++m) p.y[m * p.out + n] = dot_scaled(p, n, m);
+}
+
+template <class Codes>
+torch::Tensor weight_only_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+              "x must be float32 [rows, in] with contiguous rows");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.dim() == 2 && scales.is_contiguous(),
+              "scales must be contiguous float32 [out, groups]");
+  const int64_t rows = x.size(0), in = x.size(1), out = codes.size(0), groups = scales.size(1);
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.size(1) == Codes::row_bytes(in),
+              "codes must be contiguous [out, bytes per row of ", in, " inputs]");
+  TORCH_CHECK(scales.size(0) == out && groups > 0 && in % groups == 0 && (in / groups) % 2 == 0,
+              "scales must be [out, groups] with groups of an even length dividing ", in);
+  auto y = torch::empty({rows, out}, x.options());
+  const Problem<Codes> p{x.data_ptr<float>(), x.stride(0), static_cast<const typename Codes::Byte*>(codes.data_ptr()),
+                         scales.data_ptr<float>(), y.data_ptr<float>(), rows, in, out, groups, in / groups};
+  // Whole tiles of output rows per thread, so only the last range has a tail.
+  at::parallel_for(0, (out + kTileN - 1) / kTileN, 8, [&](int64_t begin, int64_t end) {
+    output_rows(p, begin * kTileN, std::min(out, end * kTileN));
+  });
+  return y;
+}
+
+}  // namespace
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8, "codes must be int8");
+  return weight_only_linear<Int8Codes>(x, codes, scales);
+}
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed int4 codes must be uint8");
+  return weight_only_linear<Int4Codes>(x, packed, scales);
+}
