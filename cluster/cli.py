@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show the local cluster").set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
-    sub.add_parser("serve", help=f"serve models from a Serve config (python -m {SERVE_MODULE}; --detach: deploy and return)")
+    sub.add_parser("serve", help=f"serve models from a Serve config (python -m {SERVE_MODULE}; "
+                                 "--detach: deploy and return)")
     groups = {
         "models": sub.add_parser("models", help="models in the store").add_subparsers(dest="action", required=True),
         "data": sub.add_parser("data", help="datasets in the store").add_subparsers(dest="action", required=True),

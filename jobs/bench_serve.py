@@ -54,10 +54,17 @@ class BenchServeConfig(StrictConfig):
     num_cpus: float | None = Field(None, gt=0, description="logical CPUs of the private Ray (default: enough)")
     store: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_arrival_process(cls, data):
+        if isinstance(data, dict) and data.get("request_rate") is not None:
+            if data.get("concurrency") is not None:
+                raise ValueError("set concurrency or request_rate, not both")
+            data = {**data, "concurrency": None}  # Poisson arrivals replace the default fixed concurrency
+        return data
+
     @model_validator(mode="after")
-    def _one_arrival_process(self):
-        if self.request_rate is not None:
-            self.concurrency = None
+    def _some_arrival_process(self):
         if self.concurrency is None and self.request_rate is None:
             raise ValueError("set concurrency or request_rate")
         return self
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{config.model}: {config.replicas} replicas, {config.workload.kind}, "
              f"{config.workload.requests} requests, {arrival}")
     report = "\n\n".join([title, markdown_table(rows, COLUMNS),
-                          markdown_table(ratios(rows), ["measure", "peer", "kv_aware ÷ peer"])])
+                          markdown_table(ratios(rows), ["measure", "peer", "ratio"])])
     print(report)
     print(f"\nresults: {store_serve_results(rows, report, title, store)}")
     return 0

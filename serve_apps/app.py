@@ -93,7 +93,8 @@ def _deployment_options(model: ModelConfig) -> dict:
 
 def build_app(args: dict | ServeAppConfig) -> Application:
     config = args if isinstance(args, ServeAppConfig) else parse_config(ServeAppConfig, args, "serve app config")
-    servers = {m.model_id: serve.deployment(LLMServer).options(**_deployment_options(m)).bind(m.model_id, m.model, m.engine)
+    servers = {m.model_id: serve.deployment(LLMServer).options(**_deployment_options(m))
+               .bind(m.model_id, m.model, m.engine)
                for m in config.models}
     ingress = serve.deployment(Ingress).options(
         name="OpenAIIngress", ray_actor_options={"num_cpus": config.ingress_num_cpus},

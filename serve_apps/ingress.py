@@ -125,16 +125,17 @@ class _Totals:
     def __init__(self, n: int):
         self.prompt = 0
         self.completion = [0] * n
-        self.cached = [0] * n
+        self.cached = 0
 
     def add(self, index: int, chunk: Chunk) -> None:
         self.prompt = chunk.num_prompt_tokens
         self.completion[index] = chunk.num_output_tokens
-        self.cached[index] = chunk.num_cached_tokens
+        if index == 0:
+            self.cached = chunk.num_cached_tokens
 
     def usage(self) -> dict:
         # As OpenAI counts it: the prompt once for all n, and cached as the first choice found it.
-        return usage(self.prompt, sum(self.completion), self.cached[0])
+        return usage(self.prompt, sum(self.completion), self.cached)
 
 
 def _echo(chunk: Chunk, body) -> tuple[str, list]:
@@ -225,7 +226,8 @@ class Ingress:
 
     def _server(self, model: str):
         if model not in self.servers:
-            raise OpenAIError(404, f"model {model!r} is not served here; see GET /v1/models", "not_found_error", "model")
+            raise OpenAIError(404, f"model {model!r} is not served here; see GET /v1/models", "not_found_error",
+                              "model")
         return self.servers[model]
 
     async def _choices(self, body, echo: bool = False) -> Choices:

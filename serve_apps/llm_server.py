@@ -71,11 +71,9 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         """Serve polls this for its request router: what the prefix cache holds, and the load."""
         engine = self.engine.engine
-        return {"kv_block_hashes": engine.kv_cache.pool.cached_hashes(), "block_size": engine.kv_cache.block_size,
+        return {"kv_block_hashes": engine.kv_cache.pool.cached_hashes(),
                 "num_requests": len(engine.scheduler.running) + len(engine.scheduler.waiting),
-                "num_free_blocks": engine.kv_cache.num_free_blocks,
-                "prefix_queried_tokens": engine.kv_cache.stats.queried_tokens,
-                "prefix_hit_tokens": engine.kv_cache.stats.hit_tokens}
+                "num_free_blocks": engine.kv_cache.num_free_blocks}
 
     async def __del__(self):
         await self.engine.shutdown()

@@ -75,9 +75,13 @@ def wait_until_serving(config_path: Path, timeout_s: float = DEPLOY_TIMEOUT_S) -
     raise UserError(f"not serving after {timeout_s:.0f}s (statuses: {statuses}); see `serve status`")
 
 
+def _serve_cli() -> str:
+    """Serve's CLI next to this interpreter."""
+    return str(Path(sys.executable).with_name("serve"))
+
+
 def deploy(config_path: Path) -> str:
-    serve_cli = str(Path(sys.executable).with_name("serve"))
-    result = subprocess.run([serve_cli, "deploy", str(config_path), "--address", dashboard_url()],
+    result = subprocess.run([_serve_cli(), "deploy", str(config_path), "--address", dashboard_url()],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"`serve deploy` failed (is the cluster up? `rayfoundry up`): "
@@ -87,7 +91,7 @@ def deploy(config_path: Path) -> str:
 
 @reports_user_errors("rayfoundry serve")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayfoundry serve", description="serve models until Ctrl-C")
+    parser = argparse.ArgumentParser(prog="rayfoundry serve", description="serve models from a Serve config: in the foreground, or deployed with --detach")
     parser.add_argument("config", type=Path, help="a Serve config file, e.g. configs/serve/smollm2.yaml")
     parser.add_argument("--detach", action="store_true",
                         help="deploy to the running cluster (`serve deploy`), wait until it serves, return")
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach:
         print(f"serving on {deploy(args.config)} (`serve shutdown -y` stops it)")
         return 0
-    return subprocess.run([str(Path(sys.executable).with_name("serve")), "run", str(args.config)]).returncode
+    return subprocess.run([_serve_cli(), "run", str(args.config)]).returncode
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 from transformers import AutoTokenizer
 
 from conftest import env_with_home, run
 from jobs.bench.serve_workloads import WorkloadConfig, build_sessions, word_list
+from jobs.bench_serve import BenchServeConfig
 
 
 def test_workloads_share_what_they_should(tiny_llama_dir):
@@ -19,6 +21,15 @@ def test_workloads_share_what_they_should(tiny_llama_dir):
         assert all(later[:len(earlier)] == earlier and len(later) == len(earlier) + 2
                    for earlier, later in zip(session, session[1:]))
     assert build_sessions(WorkloadConfig(seed=3), words) == build_sessions(WorkloadConfig(seed=3), words)
+
+
+def test_one_arrival_process_at_a_time():
+    assert BenchServeConfig().concurrency == 16
+    assert BenchServeConfig(request_rate=4).concurrency is None  # Poisson replaces the default
+    with pytest.raises(ValueError, match="not both"):
+        BenchServeConfig(concurrency=8, request_rate=4)
+    with pytest.raises(ValueError, match="set concurrency or request_rate"):
+        BenchServeConfig(concurrency=None)
 
 
 def test_bench_serve_compares_policies(tmp_path, tiny_llama_dir):

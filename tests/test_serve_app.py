@@ -211,6 +211,12 @@ def test_the_shipped_serve_config_is_valid():
     assert check(Path(__file__).parent.parent / "configs" / "serve" / "smollm2.yaml") == 1
 
 
+def _metric_lines(metrics_port: int, model: str) -> list[str]:
+    """The Prometheus lines of Ray's metrics endpoint tagged with `model`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        return [line for line in response.read().decode().splitlines() if f'model="{model}"' in line]
+
+
 def test_engine_and_router_metrics_reach_rays_metrics_endpoint(served, metrics_port):
     """Per-replica engine metrics and the kv_aware router's decisions, on Ray's Prometheus endpoint."""
     for i in range(3):
@@ -221,8 +227,7 @@ def test_engine_and_router_metrics_reach_rays_metrics_endpoint(served, metrics_p
               "ray_rayfoundry_router_prompt_tokens_total"]
     deadline, lines = time.monotonic() + 60, []
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-            lines = [line for line in response.read().decode().splitlines() if 'model="tiny"' in line]
+        lines = _metric_lines(metrics_port, "tiny")
         if all(any(line.startswith(name) for line in lines) for name in wanted):
             break
         time.sleep(1)
@@ -236,9 +241,7 @@ def test_engine_and_router_metrics_reach_rays_metrics_endpoint(served, metrics_p
 
 
 def _scrape(metrics_port: int, name: str, model: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
-                   if line.startswith(name) and f'model="{model}"' in line)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _metric_lines(metrics_port, model) if line.startswith(name))
 
 
 def test_a_client_that_disconnects_aborts_its_request_and_frees_its_blocks(served, metrics_port):

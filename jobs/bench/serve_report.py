@@ -55,11 +55,11 @@ def ratios(rows: list[dict], ours: str = "kv_aware") -> list[dict]:
     out = []
     for peer in (r for r in rows if r["policy"] != ours):
         for measure in ("prefix_hit_rate", "output_tokens_per_s"):
-            out.append({"measure": measure, "peer": peer["policy"],
-                        "kv_aware ÷ peer": mine[measure] / peer[measure] if peer[measure] else float("inf")})
+            out.append({"measure": f"{measure}, kv_aware ÷ peer", "peer": peer["policy"],
+                        "ratio": mine[measure] / peer[measure] if peer[measure] else float("inf")})
         if mine["ttft_p50_s"] and peer["ttft_p50_s"]:
-            out.append({"measure": "ttft_p50 (peer ÷ kv_aware)", "peer": peer["policy"],
-                        "kv_aware ÷ peer": peer["ttft_p50_s"] / mine["ttft_p50_s"]})
+            out.append({"measure": "ttft_p50_s, peer ÷ kv_aware", "peer": peer["policy"],
+                        "ratio": peer["ttft_p50_s"] / mine["ttft_p50_s"]})
     return out
 
 
