@@ -91,7 +91,8 @@ def deploy(config_path: Path) -> str:
 
 @reports_user_errors("rayfoundry serve")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayfoundry serve", description="serve models from a Serve config: in the foreground, or deployed with --detach")
+    parser = argparse.ArgumentParser(
+        prog="rayfoundry serve", description="serve models from a Serve config: in the foreground, or with --detach")
     parser.add_argument("config", type=Path, help="a Serve config file, e.g. configs/serve/smollm2.yaml")
     parser.add_argument("--detach", action="store_true",
                         help="deploy to the running cluster (`serve deploy`), wait until it serves, return")
