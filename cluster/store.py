@@ -185,34 +185,55 @@ class Store:
             pafs.copy_files(str(Path(local_dir).resolve()), staging, pafs.LocalFileSystem(), self.fs)
             manifest = build_manifest(self.fs, staging, kind, name, meta)
             write_bytes_atomic(self.fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-            self._commit(staging, final)
+            _commit(self.fs, f"{self.root}/.staging", staging, final)
         finally:
             _delete_dir_quietly(self.fs, staging)
         return self.get(kind, name)
-
-    def _commit(self, staging: str, final: str) -> None:
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        exists = self.fs.get_file_info(final).type != pafs.FileType.NotFound
-        if is_local(self.fs):
-            # Renames: readers see the old artifact or the new one, never a mix.
-            old = f"{self.root}/.staging/old-{uuid.uuid4().hex}" if exists else None
-            if old:
-                self.fs.move(final, old)
-            self.fs.move(staging, final)
-            if old:
-                self.fs.delete_dir(old)
-        else:
-            # Object stores cannot rename folders: the old artifact disappears with its
-            # manifest, and the new one appears when its manifest is written, last.
-            if exists:
-                self.fs.delete_file(f"{final}/{MANIFEST}")
-                self.fs.delete_dir(final)
-            _copy_manifest_last(self.fs, staging, final)
 
     def remove(self, kind: str, name: str) -> None:
         if self.get(kind, name) is None:
             raise UserError(f"no {singular(kind)} named '{name}' in the store at {self.uri}")
         self.fs.delete_dir(self._dir(kind, name))
+
+
+def _commit(fs: pafs.FileSystem, scratch: str, staging: str, final: str) -> None:
+    fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+    exists = fs.get_file_info(final).type != pafs.FileType.NotFound
+    if is_local(fs):
+        # Renames: readers see the old artifact or the new one, never a mix.
+        old = f"{scratch}/.old-{uuid.uuid4().hex}" if exists else None
+        if old:
+            fs.move(final, old)
+        fs.move(staging, final)
+        if old:
+            fs.delete_dir(old)
+    else:
+        # Object stores cannot rename folders: the old artifact disappears with its
+        # manifest, and the new one appears when its manifest is written, last.
+        if exists:
+            fs.delete_file(f"{final}/{MANIFEST}")
+            fs.delete_dir(final)
+        _copy_manifest_last(fs, staging, final)
+
+
+def put_location(ref: str, local_dir: Path, kind: str, meta: dict, replace: bool = False) -> str:
+    """Copy `local_dir` to a path or URI outside the store, with a manifest, in one atomic step;
+    returns the URI. The result opens like any artifact (open_artifact)."""
+    fs, path = filesystem_for(str(Path(ref).expanduser().resolve()) if not has_scheme(ref) else ref)
+    path = path.rstrip("/")
+    if fs.get_file_info(path).type != pafs.FileType.NotFound and not replace:
+        raise UserError(f"{ref} already exists; choose another --out or replace it with --force")
+    parent, name = path.rsplit("/", 1)
+    staging = f"{parent}/.{name}.staging-{uuid.uuid4().hex}"
+    fs.create_dir(staging, recursive=True)
+    try:
+        pafs.copy_files(str(Path(local_dir).resolve()), staging, pafs.LocalFileSystem(), fs)
+        manifest = build_manifest(fs, staging, kind, name, meta)
+        write_bytes_atomic(fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        _commit(fs, parent, staging, path)
+    finally:
+        _delete_dir_quietly(fs, staging)
+    return ref
 
 
 def local_copy(artifact: Artifact) -> Path:

@@ -109,7 +109,7 @@ def add_limits(rows: list[dict], num_params: int, weight_bytes: int, gflops: flo
             continue  # cached prompt tokens are not computed: no meaningful FLOP count
         flops = 2 * num_params * (row["prompt_tokens"] + row["output_tokens"])
         row["compute_fraction"] = flops / row["seconds"] / (gflops * 1e9)
-        if row["decode_tokens_per_s"]:
+        if row["decode_tokens_per_s"] and row["concurrency"] == 1:  # one token per full read of the weights
             row["bandwidth_fraction"] = weight_bytes * row["decode_tokens_per_s"] / (gbps * 1e9)
 
 

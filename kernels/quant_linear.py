@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.compressed import CompressedLinear
 from kernels.cpu_ops import native_ops
 from kernels.quant import QTensor, QuantSpec, dequantize, pack_int4, quantize, unpack_int4
 
 NATIVE_MAX_ROWS = 16  # beyond this the weight is reused enough for the fp32 GEMM to win
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(CompressedLinear):
     """y = x @ (codes * scale)^T + bias; `codes` as the subclass stores them, scale [out, groups]."""
 
     bits: ClassVar[int]
@@ -33,7 +33,7 @@ class WeightOnlyLinear(nn.Module):
             raise ValueError(f"scale {tuple(scale.shape)} does not fit codes {tuple(codes.shape)}")
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._set_bias(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> WeightOnlyLinear:
@@ -57,8 +57,15 @@ class WeightOnlyLinear(nn.Module):
             else QuantSpec(self.bits, True)
         return QTensor(self._codes(), self.scale, None, spec)
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize(self.qtensor(), x.dtype), self.bias)
+    def dense_weight(self) -> torch.Tensor:
+        return dequantize(self.qtensor())
+
+    @classmethod
+    def concat_rows(cls, layers: list[CompressedLinear]) -> WeightOnlyLinear | None:
+        if len({(layer.in_features, layer.scale.shape[1], layer.bias is None) for layer in layers}) != 1:
+            return None  # different group sizes cannot share one scale layout
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        return cls(torch.cat([layer.codes for layer in layers]), torch.cat([layer.scale for layer in layers]), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -78,7 +85,7 @@ class WeightOnlyLinear(nn.Module):
 class Int8WeightOnlyLinear(WeightOnlyLinear):
     """codes: int8 [out, in]."""
 
-    bits, native_op = 8, "int8_linear"
+    FORMAT, bits, native_op = "int8_weight_only", 8, "int8_linear"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         if codes.dtype != torch.int8 or codes.dim() != 2:
@@ -89,7 +96,7 @@ class Int8WeightOnlyLinear(WeightOnlyLinear):
 class Int4WeightOnlyLinear(WeightOnlyLinear):
     """codes: signed 4-bit, packed two per byte, uint8 [out, in / 2]."""
 
-    bits, native_op = 4, "int4_linear"
+    FORMAT, bits, native_op = "int4_weight_only", 4, "int4_linear"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         if codes.dtype != torch.uint8 or codes.dim() != 2:

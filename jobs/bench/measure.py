@@ -14,7 +14,7 @@ class Measured:
     prompt_tokens: int
     seconds: float
     mean_ttft_s: float | None = None
-    decode_tokens_per_s: float | None = None  # batch 1: output tokens after the first / their time
+    decode_tokens_per_s: float | None = None  # tokens after each request's first / time once all have one
     note: str = ""
 
     @property

@@ -21,9 +21,8 @@ def run_engine(engine: LLMEngine, name: str, scenario: str, prompts: list[list[i
             last[output.request_id] = now
             outputs += len(output.new_token_ids)
     seconds = time.perf_counter() - start
-    decode = None
-    if len(prompts) == 1:
-        (rid,) = first
-        decode = (outputs - 1) / (last[rid] - first[rid])
+    # Decode rate once every request has its first token: all of them decoding together.
+    all_started, all_done = max(first.values()), max(last.values())
+    decode = (outputs - len(first)) / (all_done - all_started) if all_done > all_started else None
     return Measured(name, scenario, len(prompts), len(prompts), outputs, sum(map(len, prompts)), seconds,
                     mean(t - start for t in first.values()), decode)

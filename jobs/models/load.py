@@ -10,6 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from cluster.errors import UserError
 from cluster.store import Artifact, Store, materialize, open_artifact
+from jobs.compress.checkpoint import load_compressed
+from kernels.compressed import is_compressed_checkpoint
 
 
 def open_model(ref: str, store: Store | None = None) -> Artifact:
@@ -35,6 +37,9 @@ def load_tokenizer(path: Path):
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A transformers model; a compressed checkpoint comes with its compressed layers in place."""
+    if is_compressed_checkpoint(path):
+        return load_compressed(path, dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 

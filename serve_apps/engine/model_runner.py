@@ -8,9 +8,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from kernels.compressed import is_compressed_checkpoint
 from kernels.cpu_linear import prepack_linears
 from kernels.memory import zeros_on_huge_pages
 from kernels.paged_attention import kv_cache_shapes
+from serve_apps.engine.models.compressed import install_compressed
 from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
 from serve_apps.engine.scheduler import SchedulerOutput
 
@@ -32,6 +34,16 @@ class StepLogits:
 ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
 
 
+def hf_weights(path: Path):
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no .safetensors weights")
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
 def load_model(path: Path, dtype: torch.dtype, prepack: bool = False) -> torch.nn.Module:
     """The model with its Hugging Face weights; `prepack`: CPU linears in oneDNN's layout (faster, 2x weight memory)."""
     config = AutoConfig.from_pretrained(path)
@@ -39,17 +51,11 @@ def load_model(path: Path, dtype: torch.dtype, prepack: bool = False) -> torch.n
         raise ValueError(f"model type {config.model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     with torch.device("cpu"):
         model = ARCHITECTURES[config.model_type](config)
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path} has no .safetensors weights")
-
-    def weights():
-        for file in files:
-            with safe_open(file, "pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-
-    model.load_weights(weights())
+    if is_compressed_checkpoint(path):
+        tensors, installed = install_compressed(model, path)
+        model.load_weights(tensors.items(), installed)
+    else:
+        model.load_weights(hf_weights(path))
     model = model.to(dtype).eval()
     if prepack:
         prepack_linears(model)

@@ -145,7 +145,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], installed: set[str] = frozenset()) -> None:
+        """Copy Hugging Face tensors into our parameters; `installed`: modules already put in place
+        whole (compressed layers), whose parameters the checkpoint does not list."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded = set()
         for hf_name, tensor in weights:
@@ -164,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
             else:
                 params[name].data.copy_(tensor)
                 loaded.add(name)
-        self._check_all_loaded(loaded)
+        self._check_all_loaded(loaded, installed)
 
     def _fused_sizes(self, fused: str, total: int) -> list[int]:
         if fused == "gate_up_proj":
@@ -172,9 +174,11 @@ class LlamaForCausalLM(nn.Module):
         attn = self.layers[0].self_attn
         return [attn.q_size, attn.kv_size, attn.kv_size]
 
-    def _check_all_loaded(self, loaded: set[str]) -> None:
+    def _check_all_loaded(self, loaded: set[str], installed: set[str]) -> None:
         missing = []
         for name, _ in self.named_parameters():
+            if any(name.startswith(module + ".") for module in installed):
+                continue
             proj = name.rsplit(".", 2)[-2]
             parts = 3 if proj == "qkv_proj" else 2 if proj == "gate_up_proj" else 0
             keys = [f"{name}#{i}" for i in range(parts)] if parts else [name]

@@ -1,0 +1,138 @@
+"""The contract every compressed linear layer keeps, and the registry checkpoints load them from.
+
+A compressed layer stands in for an nn.Linear: same in/out features, same outputs up to the
+compression's error. Its state is a handful of named tensors (buffers, so `state_dict()` is the
+checkpoint's content) plus a few JSON-able arguments (`format_args`); `FORMAT` names the class in a
+checkpoint, and `from_state(tensors, args)` rebuilds it exactly. `reference(x)` is the torch
+reference every fast path is tested against; `dense_weight()` decompresses to a plain [out, in]
+float32 matrix, for exporting a plain Hugging Face folder.
+
+A compressed checkpoint is a Hugging Face folder with COMPRESSION_FILE beside its safetensors (see
+jobs/compress/checkpoint.py, which writes it); `read_checkpoint` splits its tensors into the rebuilt
+compressed layers and the plain tensors, for whichever model (transformers', the engine's) loads them.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file
+import torch.nn.functional as F
+from torch import nn
+
+FORMATS: dict[str, type[CompressedLinear]] = {}
+# The modules defining compressed layers; each registers its classes when imported.
+LAYER_MODULES = ("kernels.quant_linear",)
+COMPRESSION_FILE = "compression.json"
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_VERSION = 1
+
+
+class CompressedLinear(nn.Module):
+    FORMAT: ClassVar[str]
+    in_features: int
+    out_features: int
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "FORMAT" in cls.__dict__:
+            if cls.FORMAT in FORMATS:
+                raise TypeError(f"compressed format {cls.FORMAT!r} is registered twice")
+            FORMATS[cls.FORMAT] = cls
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        # A buffer, not a parameter: the layer is inference-only and its state is all buffers.
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def format_args(self) -> dict[str, Any]:
+        """What, beside the tensors, rebuilds the layer; JSON-able."""
+        return {}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> CompressedLinear:
+        """The layer whose `state_dict()` is `tensors` and whose `format_args()` is `args`."""
+        return cls(**tensors, **args)
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference(x)
+
+    @classmethod
+    def concat_rows(cls, layers: list[CompressedLinear]) -> CompressedLinear | None:
+        """One layer computing the given layers' outputs side by side (for fused q/k/v, gate/up),
+        or None when this format cannot fuse them."""
+        return None
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+def compressed_from_state(fmt: str, tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> CompressedLinear:
+    for module in LAYER_MODULES:
+        importlib.import_module(module)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown compressed format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
+    return FORMATS[fmt].from_state(tensors, args)
+
+
+def is_compressed_checkpoint(path: Path) -> bool:
+    return (Path(path) / COMPRESSION_FILE).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    manifest = json.loads((Path(path) / COMPRESSION_FILE).read_text())
+    if manifest.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: compressed checkpoint version {manifest.get('version')} is not {CHECKPOINT_VERSION}")
+    return manifest
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, CompressedLinear], dict[str, torch.Tensor]]:
+    """(compressed layers by module name, the remaining plain tensors by name) of a compressed checkpoint."""
+    tensors = load_file(Path(path) / WEIGHTS_FILE)
+    layers = {}
+    for name, entry in read_manifest(path)["modules"].items():
+        prefix = name + "."
+        own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
+        if not own:
+            raise ValueError(f"{path}: no tensors for compressed module {name}")
+        layers[name] = compressed_from_state(entry["format"], own, entry["args"])
+    return layers, tensors
+
+
+class StackedLinear(nn.Module):
+    """Several layers with one input, their outputs concatenated: the fused q/k/v or gate/up of an
+    engine model when the parts are stored in formats that cannot be fused into one layer."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def fuse_rows(parts: list[nn.Module]) -> nn.Module:
+    """One module whose output is the parts' outputs side by side: a plain Linear when all are
+    plain, one compressed layer when their format can fuse, a StackedLinear otherwise."""
+    if all(type(p) is nn.Linear for p in parts):
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
+        fused.weight.data = torch.cat([p.weight.data for p in parts])
+        if fused.bias is not None:
+            fused.bias.data = torch.cat([p.bias.data for p in parts])
+        return fused
+    kinds = {type(p) for p in parts}
+    if len(kinds) == 1 and issubclass(kind := kinds.pop(), CompressedLinear):
+        fused = kind.concat_rows(parts)
+        if fused is not None:
+            return fused
+    return StackedLinear(parts)
