@@ -52,10 +52,10 @@ def test_a_group_size_that_does_not_divide_the_row_is_refused():
         quantize(torch.randn(4, 60), QuantSpec(4, True, "group", 32))
 
 
-# Shapes cover the kernel's 4x4 tiles and their tails: rows of x 1..9, output rows not a multiple
+# Shapes cover the kernel's 4x4 tiles and their tails: rows of x 2..40, output rows not a multiple
 # of 4, groups of 128, 32 and whole rows, and groups whose length is not a multiple of 16 (the
 # portable path).
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 20])
 @pytest.mark.parametrize("layer_class, in_features, out_features, group_size", [
     (Int8WeightOnlyLinear, 256, 38, None), (Int8WeightOnlyLinear, 256, 40, 128), (Int8WeightOnlyLinear, 72, 9, None),
     (Int4WeightOnlyLinear, 256, 38, 128), (Int4WeightOnlyLinear, 256, 40, 32), (Int4WeightOnlyLinear, 72, 9, 24),

