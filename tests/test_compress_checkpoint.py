@@ -1,11 +1,17 @@
 """Compressed checkpoints: written, reloaded bit for bit, served by the engine, exported dense."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from cluster.store import Store
 from jobs.compress.checkpoint import export_dense, save_compressed
 from jobs.compress.recipe import Recipe, apply_recipe
+from jobs.data.shards import read_tokens
+from jobs.eval.perplexity import perplexity
+from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm
 from kernels.compressed import StackedLinear
 from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -70,3 +76,14 @@ def test_a_dense_export_loads_in_plain_transformers(compressed, tmp_path):
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     assert not dense.config.tie_word_embeddings  # the quantized head no longer equals the embedding
     torch.testing.assert_close(_logits(dense), _logits(model), atol=1e-4, rtol=0)
+
+
+def test_eval_ppl_takes_a_checkpoint_like_any_model(compressed, smollm2_home, capsys):
+    from jobs.eval_ppl import main as eval_ppl
+
+    model, path = compressed
+    data = smollm2_home / "store" / "datasets" / "shakespeare"
+    assert eval_ppl(["--model", str(path), "--data", str(data), "--tokens", "128", "--window", "64"]) == 0
+    reported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tokens = torch.from_numpy(read_tokens(open_dataset(str(data), Store()), "validation", 128).astype("int64"))
+    assert reported["ppl"] == pytest.approx(perplexity(model, tokens, 64).ppl, rel=1e-6)
