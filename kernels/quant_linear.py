@@ -42,7 +42,14 @@ class WeightOnlyLinear(CompressedLinear):
     def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> WeightOnlyLinear:
         """Round-to-nearest symmetric codes, per output channel or per group of `group_size` inputs."""
         q = quantize(linear.weight, QuantSpec(cls.bits, True, "group" if group_size else "channel", group_size))
-        return cls(cls._store(q.codes), q.scale, linear.bias)
+        return cls.from_qtensor(q, linear.bias)
+
+    @classmethod
+    def from_qtensor(cls, q: QTensor, bias: torch.Tensor | None = None) -> WeightOnlyLinear:
+        """The layer holding codes and scales some algorithm (GPTQ, AWQ, ...) has chosen."""
+        if q.zero is not None or q.spec.bits != cls.bits or q.spec.granularity == "tensor":
+            raise ValueError(f"{cls.__name__} takes symmetric {cls.bits}-bit codes per channel or group")
+        return cls(cls._store(q.codes), q.scale, bias)
 
     @classmethod
     def _store(cls, codes: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,12 @@ from torch import nn
 
 from cluster.config import StrictConfig
 from jobs.compress.calibration import CalibrationConfig, collect, token_batches
+from jobs.compress.gptq import GPTQConfig
+from jobs.compress.prune import MagnitudeConfig, WandaConfig
 from jobs.compress.step import Step
 from jobs.compress.weight_only import WeightOnlyConfig
 
-STEP_TYPES: tuple[type[Step], ...] = (WeightOnlyConfig,)
+STEP_TYPES: tuple[type[Step], ...] = (WeightOnlyConfig, GPTQConfig, MagnitudeConfig, WandaConfig)
 AnyStep = Annotated[Union[STEP_TYPES], Field(discriminator="method")]  # noqa: UP007 (a runtime tuple)
 
 

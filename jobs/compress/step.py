@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 from torch import nn
+from tqdm import tqdm
 
 from cluster.config import StrictConfig
 from jobs.compress.calibration import InputStats
@@ -91,7 +92,7 @@ class Step(StrictConfig):
         """Compress the chosen layers in place; returns their names."""
         self.check(model)
         targets = self.targets(model)
-        for name, linear in targets.items():
+        for name, linear in tqdm(targets.items(), desc=self.method, unit="layer", leave=False):
             replacement = self.for_layer(name).compress_layer(name, linear, None if stats is None else stats[name])
             if replacement is not linear:
                 model.set_submodule(name, replacement)
