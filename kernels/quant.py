@@ -8,9 +8,12 @@ quantization-aware training sees the rounding in its forward pass and passes gra
 
 Codes are one byte whatever the bit width: int8 for symmetric, uint8 (offset by the zero point)
 for asymmetric; `pack_int4` puts two 4-bit codes in a byte for storage and the int4 kernels.
+`log_quantize` is the logarithmic activation code of the design's seed articles (finer steps near
+the minimum); a storage/fake-quant code, not one integer matmuls take.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,3 +130,19 @@ def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
     low, high = packed & 0xF, packed >> 4
     nibbles = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
     return torch.where(nibbles >= 8, nibbles - 16, nibbles) if signed else nibbles
+
+
+def log_quantize(a: torch.Tensor, bits: int, low: float, high: float) -> torch.Tensor:
+    """Logarithmic codes in [0, 2^bits - 1] for values calibrated to [low, high]:
+    round(log(a - low + 1) / log(high - low + 1) * (2^bits - 1)). Steps are fine near `low` and
+    coarse near `high`, for activations that crowd near their minimum with a long tail."""
+    if high <= low:
+        raise ValueError(f"need high > low, got [{low}, {high}]")
+    levels = 2**bits - 1
+    shifted = torch.log1p(a.float().clamp(low, high) - low) / math.log1p(high - low)
+    return torch.round(shifted * levels).to(torch.int32)
+
+
+def log_dequantize(codes: torch.Tensor, bits: int, low: float, high: float) -> torch.Tensor:
+    """Inverse of log_quantize (up to its rounding)."""
+    return torch.expm1(codes.float() / (2**bits - 1) * math.log1p(high - low)) + low
