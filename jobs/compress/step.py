@@ -89,17 +89,20 @@ class Step(StrictConfig):
         """Raise ValueError if this layer cannot be compressed with these settings."""
 
     def apply(self, model: nn.Module, stats: dict[str, InputStats] | None) -> list[str]:
-        """Compress the chosen layers in place; returns their names."""
+        """Compress the chosen layers in place; returns the names of those it changed."""
         self.check(model)
-        targets = self.targets(model)
-        for name, linear in tqdm(targets.items(), desc=self.method, unit="layer", leave=False):
+        changed = []
+        for name, linear in tqdm(self.targets(model).items(), desc=self.method, unit="layer", leave=False):
             replacement = self.for_layer(name).compress_layer(name, linear, None if stats is None else stats[name])
+            if replacement is None:
+                continue
             if replacement is not linear:
                 model.set_submodule(name, replacement)
-        return list(targets)
+            changed.append(name)
+        return changed
 
-    def compress_layer(self, name: str, linear: nn.Linear, stats: InputStats | None) -> nn.Module:
-        """The layer's compressed replacement (or `linear` itself, changed in place)."""
+    def compress_layer(self, name: str, linear: nn.Linear, stats: InputStats | None) -> nn.Module | None:
+        """The layer's compressed replacement; `linear` itself if changed in place; None if left as it was."""
         raise NotImplementedError
 
 
