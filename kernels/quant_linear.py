@@ -79,6 +79,12 @@ class WeightOnlyLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
+            from kernels.triton_quant_linear import weight_only_linear_triton  # Triton only where it runs
+
+            out = weight_only_linear_triton(x.reshape(rows, self.in_features), self.codes, self.scale, self.bias,
+                                            self.bits)
+            return out.view(*x.shape[:-1], self.out_features)
         ops = native_ops() if x.device.type == "cpu" and x.dtype == torch.float32 else None
         if ops is None or rows > NATIVE_MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
             return self.reference(x)
