@@ -25,7 +25,7 @@ from torch import nn
 
 FORMATS: dict[str, type[CompressedLinear]] = {}
 # The modules defining compressed layers; each registers its classes when imported.
-LAYER_MODULES = ("kernels.quant_linear", "kernels.w8a8_linear", "kernels.low_rank")
+LAYER_MODULES = ("kernels.quant_linear", "kernels.w8a8_linear", "kernels.low_rank", "kernels.sparse_linear")
 COMPRESSION_FILE = "compression.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_VERSION = 1

@@ -7,7 +7,8 @@
 
 `pattern: "N:M"` keeps the N highest-scoring weights of every M consecutive inputs of a row
 ("2:4": half the weights, in the layout sparse tensor cores run); the sparsity is then 1 - N/M.
-Pruned weights are written as zeros into the layer (a dense checkpoint every tool loads).
+Pruned weights are written as zeros into the layer (`format: dense`, a checkpoint every tool
+loads), or only the kept weights are stored (`format: sparse`: kernels.sparse_linear).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from jobs.compress.calibration import InputStats
 from jobs.compress.step import Step
+from kernels.sparse_linear import SemiStructuredLinear, SparseLinear
 
 N_OF_M = re.compile(r"^(\d+):(\d+)$")
 
@@ -54,6 +56,8 @@ class PruneStep(Step):
     PER_ROW: ClassVar[bool] = False  # compare scores within each output row, not across the layer
     sparsity: float | None = Field(None, ge=0, lt=1, description="fraction of weights set to zero")
     pattern: str = Field("unstructured", description='"unstructured", or "N:M" such as "2:4"')
+    format: Literal["dense", "sparse"] = Field("dense", description="zeros in the weight, or only the kept "
+                                                                     "weights stored (kernels.sparse_linear)")
 
     @field_validator("pattern")
     @classmethod
@@ -95,7 +99,14 @@ class PruneStep(Step):
     @torch.no_grad()
     def compress_layer(self, name: str, linear: nn.Linear, stats: InputStats | None) -> nn.Module:
         linear.weight.mul_(self.mask(self.score(linear, stats)))
-        return linear
+        return self.stored(linear)
+
+    def stored(self, linear: nn.Linear) -> nn.Module:
+        if self.format == "dense":
+            return linear
+        if self.pattern == "2:4" and linear.in_features % 8 == 0:
+            return SemiStructuredLinear.from_linear(linear)
+        return SparseLinear.from_linear(linear)
 
 
 class MagnitudeConfig(PruneStep):
@@ -118,8 +129,10 @@ class MagnitudeConfig(PruneStep):
         self.check(model)
         targets = self.targets(model)
         threshold = global_threshold([self.score(m, None) for m in targets.values()], self.sparsity)
-        for linear in targets.values():
+        for name, linear in targets.items():
             linear.weight.mul_(self.score(linear, None) > threshold)
+            if (replacement := self.stored(linear)) is not linear:
+                model.set_submodule(name, replacement)
         return list(targets)
 
 
