@@ -22,13 +22,15 @@ from cluster.config import StrictConfig
 from jobs.compress.calibration import CalibrationConfig, collect, token_batches
 from jobs.compress.gptq import GPTQConfig
 from jobs.compress.prune import MagnitudeConfig, WandaConfig
+from jobs.compress.smooth import SmoothQuantConfig
 from jobs.compress.step import Step
+from jobs.compress.structured import StructuredConfig
 from jobs.compress.svd import SVDConfig
 from jobs.compress.w8a8 import W8A8Config
 from jobs.compress.weight_only import WeightOnlyConfig
 
 STEP_TYPES: tuple[type[Step], ...] = (WeightOnlyConfig, GPTQConfig, MagnitudeConfig, WandaConfig, W8A8Config,
-                                        SVDConfig)
+                                        SVDConfig, SmoothQuantConfig, StructuredConfig)
 AnyStep = Annotated[Union[STEP_TYPES], Field(discriminator="method")]  # noqa: UP007 (a runtime tuple)
 
 

@@ -40,6 +40,8 @@ class Step(StrictConfig):
 
     # Calibration statistics of each chosen layer's input this step needs (see InputStats).
     STATS: ClassVar[frozenset[str]] = frozenset()
+    # Whether each chosen layer is compressed on its own (so one layer alone can be tried).
+    PER_LAYER: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _check_overrides(self):
