@@ -39,9 +39,13 @@ class WeightOnlyLinear(CompressedLinear):
         self._set_bias(bias)
 
     @classmethod
+    def weight_spec(cls, group_size: int | None = None) -> QuantSpec:
+        return QuantSpec(cls.bits, True, "group" if group_size else "channel", group_size)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> WeightOnlyLinear:
         """Round-to-nearest symmetric codes, per output channel or per group of `group_size` inputs."""
-        q = quantize(linear.weight, QuantSpec(cls.bits, True, "group" if group_size else "channel", group_size))
+        q = quantize(linear.weight, cls.weight_spec(group_size))
         return cls.from_qtensor(q, linear.bias)
 
     @classmethod

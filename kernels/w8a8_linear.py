@@ -37,6 +37,7 @@ def _int_mm_works(x: torch.Tensor) -> bool:
 
 class W8A8Linear(CompressedLinear):
     FORMAT = "w8a8"
+    WEIGHT_SPEC = QuantSpec(8, True, "channel")  # one symmetric scale per output row
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  input_scale: torch.Tensor | None = None):
@@ -54,7 +55,7 @@ class W8A8Linear(CompressedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None) -> W8A8Linear:
-        q = quantize(linear.weight, QuantSpec(8, True, "channel"))
+        q = quantize(linear.weight, cls.WEIGHT_SPEC)
         return cls(q.codes, q.scale, linear.bias, input_scale)
 
     def dense_weight(self) -> torch.Tensor:

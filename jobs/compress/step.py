@@ -107,6 +107,12 @@ class Step(StrictConfig):
         """The layer's compressed replacement; `linear` itself if changed in place; None if left as it was."""
         raise NotImplementedError
 
+    def fake_quant_layer(self, linear: nn.Linear) -> nn.Module:
+        """The layer as quantization-aware training sees it: float weights, quantized on the fly exactly as
+        `compress_layer` will quantize them. Methods without such a form cannot be trained for."""
+        raise ValueError(f"{self.method} has no quantization-aware training form; "
+                         "QAT trains for round-to-nearest weights (`rtn`) and dynamic `w8a8`")
+
 
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)

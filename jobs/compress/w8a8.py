@@ -17,6 +17,7 @@ from torch import nn
 
 from jobs.compress.calibration import InputStats
 from jobs.compress.step import Step
+from kernels.fake_quant_linear import FakeQuantLinear
 from kernels.w8a8_linear import ACT_MAX, W8A8Linear
 
 
@@ -52,6 +53,12 @@ class W8A8Config(Step):
         if self.activations == "dynamic":
             return frozenset()
         return frozenset({"samples"}) if self.observer == "percentile" else frozenset({"abs_max"})
+
+    def fake_quant_layer(self, linear: nn.Linear) -> nn.Module:
+        if self.activations != "dynamic":
+            raise ValueError("QAT trains for dynamic w8a8 only: static activation scales come from calibration "
+                             "after training; set `activations: dynamic`")
+        return FakeQuantLinear.from_linear(linear, W8A8Linear.WEIGHT_SPEC, activation_bits=8)
 
     def compress_layer(self, name: str, linear: nn.Linear, stats: InputStats | None) -> nn.Module:
         if self.activations == "dynamic":

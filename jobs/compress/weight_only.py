@@ -12,6 +12,8 @@ from torch import nn
 
 from jobs.compress.calibration import InputStats
 from jobs.compress.step import Step
+from kernels.fake_quant_linear import FakeQuantLinear
+from kernels.quant import QuantSpec
 from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 LAYERS = {8: Int8WeightOnlyLinear, 4: Int4WeightOnlyLinear}
@@ -34,6 +36,9 @@ class WeightOnlyConfig(WeightOnlyBits):
 
     def compress_layer(self, name: str, linear: nn.Linear, stats: InputStats | None) -> nn.Module:
         return LAYERS[self.bits].from_linear(linear, self.group_size)
+
+    def fake_quant_layer(self, linear: nn.Linear) -> nn.Module:
+        return FakeQuantLinear.from_linear(linear, LAYERS[self.bits].weight_spec(self.group_size))
 
 
 def quantize_weights(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
