@@ -1,0 +1,1 @@
+"""Ray Train + DeepSpeed training: one loop that QAT and distillation share."""

@@ -1,0 +1,61 @@
+"""Start a training run on Ray Train: checks that need the cluster, then TorchTrainer.fit."""
+from __future__ import annotations
+
+import os
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from cluster.errors import UserError
+from cluster.store import Store
+from jobs.data.shards import ray_dataset
+from jobs.eval_ppl import open_dataset
+from jobs.train.loop import train_worker
+from jobs.train.spec import WorkerSpec
+
+
+def connect(address: str | None, cpus_needed: int) -> None:
+    """Join the cluster a `ray job submit` or `rayfoundry up` gave us, or start a private one."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as `rayfoundry up` runs it
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        # Ray Data's read tasks need a CPU beside the workers' or they wait behind them forever.
+        ray.init(address="local", num_cpus=cpus_needed + 1, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True)
+
+
+def check_cluster_fits(spec: WorkerSpec) -> None:
+    needed = spec.train.workers * spec.train.cpus_per_worker
+    have = int(ray.cluster_resources().get("CPU", 0))
+    if needed > have:
+        raise UserError(f"train.workers x train.cpus_per_worker = {needed} CPUs, but the cluster has {have}; "
+                        "use fewer workers or add nodes")
+    if spec.train.use_gpu and ray.cluster_resources().get("GPU", 0) < spec.train.workers:
+        raise UserError(f"train.use_gpu needs {spec.train.workers} GPUs; the cluster has "
+                        f"{int(ray.cluster_resources().get('GPU', 0))}")
+
+
+def runs_uri(store: Store) -> str:
+    return f"{store.uri.rstrip('/')}/runs"
+
+
+def fit(spec: WorkerSpec, run_name: str, store: Store, address: str | None = None) -> ray.train.Result:
+    """Train; the result's checkpoint is the last one, its return value rank 0's metric history."""
+    connect(address, spec.train.workers * spec.train.cpus_per_worker)
+    check_cluster_fits(spec)
+    # Materialized before the workers take their CPUs; a prepared split is small (4 bytes a token).
+    dataset = ray_dataset(open_dataset(spec.data, store), "train").materialize()
+    settings = spec.train
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=spec.model_dump(mode="json"), datasets={"train": dataset},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
+                                               resources_per_worker={"CPU": settings.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=runs_uri(store),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
+    )
+    return trainer.fit()
