@@ -9,12 +9,23 @@ RAYFOUNDRY_NATIVE_KERNELS=0 turns them off.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in (
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in (
     "bindings.cpp", "paged_attention_cpu.cpp", "norm_rotary_cpu.cpp", "weight_only_linear_cpu.cpp")]
+
+
+def _build_name() -> str:
+    """The extension's name carries a digest of every file in csrc: torch's build cache tracks the
+    sources it is given, not the headers they include, so an edited header gets a fresh build."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return f"rayfoundry_cpu_ops_{digest.hexdigest()[:12]}"
 
 
 @functools.cache
@@ -25,7 +36,7 @@ def native_ops():
     try:
         from torch.utils.cpp_extension import load
 
-        return load("rayfoundry_cpu_ops", [str(s) for s in SOURCES],
+        return load(_build_name(), [str(s) for s in SOURCES],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means "use the reference"
         warnings.warn(f"C++ CPU kernels unavailable, using the torch reference: {error}", stacklevel=2)

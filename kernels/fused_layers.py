@@ -1,4 +1,4 @@
-"""A decoder's per-token layers, fused: residual add + RMSNorm, RMSNorm, rotary embedding.
+"""A decoder's per-token layers, fused: residual add + RMSNorm, RMSNorm, rotary embedding, SiLU-and-mul.
 
 Each function runs our C++ kernel (kernels/csrc/norm_rotary_cpu.cpp) for float32 CPU tensors
 and the torch reference otherwise; both compute in float32 like Hugging Face's Llama.
@@ -44,3 +44,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     cos, sin = cos[:, None], sin[:, None]
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [T, 2 * inter] gate_up projection."""
+    if gate_up.dim() == 2 and gate_up.stride(-1) == 1 and (ops := _native(gate_up)) is not None:
+        return ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

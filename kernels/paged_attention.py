@@ -1,5 +1,6 @@
-"""Attention over a paged KV cache: the torch reference, with the C++ decode kernel
-(kernels/csrc) on CPU and the Triton kernel (kernels/triton_paged_attention.py) on CUDA.
+"""Attention over a paged KV cache: the torch reference, with the C++ kernel (kernels/csrc) on
+CPU and the Triton kernel (kernels/triton_paged_attention.py) on CUDA, both over a whole ragged
+batch in one call.
 
 Layout (kv_cache_shapes): a sequence's tokens live in the blocks its block table lists, in
 order; within a block each KV head's keys are stored transposed, k_cache [num_blocks,
@@ -28,6 +29,9 @@ def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Store new keys/values [T, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
+    if key.device.type == "cpu" and k_cache.dtype == key.dtype == torch.float32 and (ops := native_ops()):
+        ops.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
     blocks, offsets = slot_mapping // v_cache.shape[2], slot_mapping % v_cache.shape[2]
     k_cache[blocks, :, :, offsets] = key
     v_cache[blocks, :, offsets] = value
@@ -50,17 +54,22 @@ def _gather_values(v_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Te
     return gathered.transpose(1, 2).reshape(batch, heads, width * block_size, dim)
 
 
-def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence, all sequences in one batched call. query: [B, Hq, D]."""
-    if query.device.type == "cpu" and query.dtype == torch.float32 and (ops := native_ops()) is not None:
-        return ops.decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
-    return decode_attention_reference(query, k_cache, v_cache, block_tables, context_lens, scale)
+def token_layout(query_lens: list[int], context_lens: list[int],
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row of a ragged batch: its sequence, and how many cached tokens it sees. A chunk's
+    rows are the last query_len tokens of its context, so row j of n sees context - n + j + 1."""
+    lens = torch.tensor(query_lens, device=device)
+    token_seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device), lens)
+    first = torch.tensor(context_lens, device=device) - lens
+    starts = torch.cumsum(lens, 0) - lens
+    token_visible = first[token_seq] + torch.arange(int(lens.sum()), device=device) - starts[token_seq] + 1
+    return token_seq, token_visible
 
 
 def decode_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The torch reference: gather each sequence's blocks, then one masked SDPA."""
+    """One query token per sequence, all in one batched call: gather each sequence's blocks, then
+    one masked SDPA. query: [B, Hq, D]."""
     keys, values = _gather_keys(k_cache, block_tables), _gather_values(v_cache, block_tables)
     positions = torch.arange(keys.shape[2], device=query.device)
     mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
@@ -83,18 +92,10 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out[0].transpose(0, 1)
 
 
-def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
-                    scale: float) -> torch.Tensor:
-    """Ragged batch: decodes (query_len 1) go together in one call, prefill chunks one by one.
-    On CUDA the whole batch goes to the Triton kernel."""
-    if query.device.type == "cuda":
-        from kernels.triton_paged_attention import paged_attention_triton  # Triton only where it runs
-
-        return paged_attention_triton(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
-    if all(n == 1 for n in query_lens):  # the steady state: a pure decode batch
-        lens = torch.tensor(context_lens, device=query.device)
-        return decode_attention(query, k_cache, v_cache, block_tables, lens, scale)
+def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
+                              scale: float) -> torch.Tensor:
+    """The torch reference for a ragged batch: decodes together in one call, prefill chunks one by one."""
     out = torch.empty_like(query)
     starts = [0]
     for n in query_lens:
@@ -103,9 +104,25 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if decodes:
         rows = torch.tensor([starts[i] for i in decodes], device=query.device)
         lens = torch.tensor([context_lens[i] for i in decodes], device=query.device)
-        out[rows] = decode_attention(query[rows], k_cache, v_cache, block_tables[decodes], lens, scale)
+        out[rows] = decode_attention_reference(query[rows], k_cache, v_cache, block_tables[decodes], lens, scale)
     for i, n in enumerate(query_lens):
         if n > 1:
             out[starts[i] : starts[i + 1]] = prefill_attention(
                 query[starts[i] : starts[i + 1]], k_cache, v_cache, block_tables[i], context_lens[i], scale)
     return out
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
+                    scale: float, layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Ragged batch -> [T, Hq, D], in one kernel call: our C++ kernel for float32 on CPU, Triton on
+    CUDA, the torch reference otherwise. `layout`: token_layout(query_lens, context_lens), when the
+    caller has it already (it is the same for every layer of a step)."""
+    if query.device.type == "cuda":
+        from kernels.triton_paged_attention import paged_attention_triton  # Triton only where it runs
+
+        return paged_attention_triton(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale, layout)
+    if query.dtype == torch.float32 and k_cache.dtype == torch.float32 and (ops := native_ops()) is not None:
+        token_seq, token_visible = layout or token_layout(query_lens, context_lens, query.device)
+        return ops.paged_attention(query, k_cache, v_cache, block_tables, token_seq, token_visible, scale)
+    return paged_attention_reference(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_attention import token_layout
+
 
 @triton.jit
 def _paged_attention_kernel(
@@ -57,19 +59,13 @@ def _paged_attention_kernel(
 
 def paged_attention_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
-                           scale: float) -> torch.Tensor:
+                           scale: float, layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """query [T, Hq, D] -> [T, Hq, D]; see kernels.paged_attention for the batch layout."""
     num_tokens, num_heads, head_dim = query.shape
     _, num_kv_heads, _, block_size = k_cache.shape
     if head_dim & (head_dim - 1) or block_size & (block_size - 1):
         raise ValueError(f"the Triton kernel needs power-of-two head_dim and block_size, got {head_dim}, {block_size}")
-    device = query.device
-    lens = torch.tensor(query_lens, device=device)
-    token_seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device), lens)
-    # a chunk's tokens are the last query_len of its context: token j of n sees context - n + j + 1
-    first = torch.tensor(context_lens, device=device) - lens
-    starts = torch.cumsum(lens, 0) - lens
-    token_visible = first[token_seq] + torch.arange(num_tokens, device=device) - starts[token_seq] + 1
+    token_seq, token_visible = layout or token_layout(query_lens, context_lens, query.device)
     query = query.contiguous()
     block_tables = block_tables.contiguous()
     out = torch.empty_like(query)

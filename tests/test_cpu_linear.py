@@ -30,3 +30,19 @@ def test_prepack_swaps_every_linear_and_keeps_tied_weights():
         x = torch.randint(0, 10, (5,))
         reference = model[0](x) @ model[1].weight.T + model[1].bias
         torch.testing.assert_close(model[1](model[0](x)), reference)
+
+
+@pytest.mark.parametrize("threshold", [1, 4])
+def test_either_single_row_path_gives_the_same_product(threshold):
+    linear = nn.Linear(64, 96)
+    packed = PrepackedLinear(linear)
+    packed.fewest_packed_rows = threshold
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_single_row_path_is_chosen_for_every_layer_at_once():
+    model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256))
+    prepack_linears(model)
+    assert {layer.fewest_packed_rows for layer in model} in ({1}, {4})

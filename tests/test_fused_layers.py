@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_ops import native_ops
-from kernels.fused_layers import add_rms_norm, rms_norm, rotary
+from kernels.fused_layers import add_rms_norm, rms_norm, rotary, silu_and_mul
 
 
 def _reference_rotary(x, cos, sin):
@@ -60,3 +60,11 @@ def test_model_parameters_take_the_native_path_at_inference():
 def test_other_dtypes_take_the_torch_path():
     x, weight = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
     torch.testing.assert_close(rms_norm(x, weight, 1e-6), F.rms_norm(x, (8,), weight, 1e-6))
+
+
+def test_silu_and_mul_matches_torch_with_and_without_a_vector_tail():
+    torch.manual_seed(0)
+    for inter in (1536, 100):  # 100: 6 vectors of 16 and a scalar tail of 4
+        gate_up = torch.randn(13, 2 * inter) * 8  # wide enough to reach exp's clamps
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_ops import native_ops
-from kernels.paged_attention import decode_attention_reference, kv_cache_shapes, paged_attention, write_kv_cache
+from kernels.paged_attention import (
+    decode_attention_reference,
+    kv_cache_shapes,
+    paged_attention,
+    paged_attention_reference,
+    write_kv_cache,
+)
 
 
 def test_ragged_batch_matches_dense_attention():
@@ -51,6 +57,8 @@ def _scattered_cache(num_seqs, kv_heads, dim, block_size, lengths, seed):
     (3, 4, 4, 8),     # no grouping, a tiny head
     (16, 9, 3, 64),   # SmolLM2's shape, whole sequences per work item
     (9, 8, 1, 128),   # multi-query
+    (4, 4, 1, 256),   # Gemma 3 270M's shape
+    (5, 16, 1, 64),   # 16 query heads per KV head: past the specialized kernels, the general one
 ])
 def test_native_decode_kernel_matches_reference(num_seqs, heads, kv_heads, dim):
     ops = native_ops()
@@ -61,7 +69,7 @@ def test_native_decode_kernel_matches_reference(num_seqs, heads, kv_heads, dim):
     query = torch.randn(num_seqs, heads, dim)
     lens = torch.tensor(lengths)
     expected = decode_attention_reference(query, k_cache, v_cache, tables, lens, dim**-0.5)
-    out = ops.decode_attention(query, k_cache, v_cache, tables, lens, dim**-0.5)
+    out = ops.paged_attention(query, k_cache, v_cache, tables, torch.arange(num_seqs), lens, dim**-0.5)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -69,5 +77,36 @@ def test_native_decode_kernel_rejects_other_dtypes():
     ops = native_ops()
     k_cache, v_cache, tables = _scattered_cache(2, 2, 8, 4, [3, 4], seed=0)
     with pytest.raises(RuntimeError, match="float32"):
-        ops.decode_attention(torch.randn(2, 2, 8).bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables,
-                             torch.tensor([3, 4]), 0.3)
+        ops.paged_attention(torch.randn(2, 2, 8).bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables,
+                            torch.arange(2), torch.tensor([3, 4]), 0.3)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, block_size", [
+    (9, 3, 64, 16),   # SmolLM2, the specialized kernel
+    (4, 2, 8, 4),     # the general kernel
+])
+def test_native_kernel_takes_prefill_chunks_and_decodes_in_one_call(heads, kv_heads, dim, block_size):
+    """Chunks that start the context, chunks after cached tokens, and decodes, mixed in one batch."""
+    sequences = [(130, 130), (45, 1), (70, 23), (1, 1), (16, 16), (200, 1), (33, 17)]  # (context, new tokens)
+    lengths = [c for c, _ in sequences]
+    k_cache, v_cache, tables = _scattered_cache(len(sequences), kv_heads, dim, block_size, lengths, seed=dim)
+    query = torch.randn(sum(n for _, n in sequences), heads, dim)
+    query_lens = [n for _, n in sequences]
+    expected = paged_attention_reference(query, k_cache, v_cache, tables, query_lens, lengths, dim**-0.5)
+    out = paged_attention(query, k_cache, v_cache, tables, query_lens, lengths, dim**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_native_kv_write_equals_the_indexed_write_from_strided_views():
+    heads, kv_heads, dim, block_size, num_blocks = 9, 3, 64, 16, 12
+    qkv = torch.randn(21, (heads + 2 * kv_heads) * dim)
+    _, key, value = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    key, value = key.view(-1, kv_heads, dim), value.view(-1, kv_heads, dim)  # rows strided, as in the model
+    slots = torch.randperm(num_blocks * block_size)[:21]
+    caches = [[torch.zeros(shape) for shape in kv_cache_shapes(num_blocks, block_size, kv_heads, dim)]
+              for _ in range(2)]
+    write_kv_cache(key, value, *caches[0], slots)
+    blocks, offsets = slots // block_size, slots % block_size
+    caches[1][0][blocks, :, :, offsets] = key
+    caches[1][1][blocks, :, offsets] = value
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])

@@ -1,7 +1,11 @@
 #include <torch/extension.h>
 
-torch::Tensor decode_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
-                               torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+torch::Tensor paged_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor token_seq, torch::Tensor token_visible,
+                              double scale);
+void write_kv_cache(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache,
+                    torch::Tensor slot_mapping);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
@@ -9,7 +13,9 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "paged decode attention (float32, CPU)");
+  m.def("paged_attention", &paged_attention, "attention over a paged KV cache, one query row at a time (float32, CPU)");
+  m.def("write_kv_cache", &write_kv_cache, "store new keys and values at their cache slots (float32, CPU)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from a fused gate_up output (float32, CPU)");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) (in place)");
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");

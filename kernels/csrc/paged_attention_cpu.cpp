@@ -1,5 +1,6 @@
-// Decode attention over a paged KV cache on CPU: one query token per sequence reads its keys and
-// values straight from the cache blocks its block table lists (no gathered copy).
+// Attention over a paged KV cache on CPU for a ragged batch (decodes and prefill chunks together):
+// each query token reads its sequence's keys and values straight from the cache blocks its block
+// table lists (no gathered copy), up to the position it may see.
 //
 // Layout (kernels/paged_attention.py): k_cache [num_blocks, kv_heads, head_dim, block_size] (keys
 // transposed within a block), v_cache [num_blocks, kv_heads, block_size, head_dim]. A block's
@@ -9,11 +10,15 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "vec16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
+
+using namespace rayfoundry;
 
 struct Shape {
   int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
@@ -98,40 +103,192 @@ void attend(const float* query, const float* k_cache, const float* v_cache, cons
   std::copy(acc.begin(), acc.end(), out + kv_head * group * dim);
 }
 
+// ---- The fast path: 16-token blocks, head_dim 64, 128 or 256, up to 8 query heads per KV head.
+// 16 floats are one vector (vec16.h). With the group size G and head_dim / 16 (C) known at compile time, a block's G score vectors and the
+// G x C output accumulators stay in registers: each key row and value row is loaded once and
+// used G times, and no accumulator goes back to memory until the sequence is done.
+template <int G, int C>
+void attend16(const float* query, const float* k_cache, const float* v_cache, const int64_t* block_table,
+              int64_t context_len, int64_t kv_head, const Shape& s, float scale, float* out) {
+  constexpr int64_t dim = C * kLanes;
+  const int64_t num_blocks = (context_len + kLanes - 1) / kLanes;
+  const int64_t head_offset = kv_head * s.head_stride();
+  thread_local std::vector<float> score_rows;
+  score_rows.resize(G * num_blocks * kLanes);
+  float* scores = score_rows.data();
+  const int64_t row = num_blocks * kLanes;
+  float q[G][dim];
+  const float* query_heads = query + kv_head * G * dim;
+  for (int h = 0; h < G; ++h)
+    for (int64_t d = 0; d < dim; ++d) q[h][d] = query_heads[h * dim + d] * scale;
+
+  // Scores: a block's keys are stored transposed, [dim][16], so row d holds feature d of 16 tokens.
+  Vec16 top[G];
+  for (int h = 0; h < G; ++h) top[h] = Vec16{} - INFINITY;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const float* keys = k_cache + block_table[b] * s.block_stride() + head_offset;
+    if (b + 1 < num_blocks) prefetch(k_cache + block_table[b + 1] * s.block_stride() + head_offset, dim * kLanes);
+    // Two partial sums per head (even and odd features): twice the independent FMA chains.
+    Vec16 even[G] = {}, odd[G] = {};
+    for (int64_t d = 0; d < dim; d += 2) {
+      const Vec16 k0 = load16(keys + d * kLanes), k1 = load16(keys + (d + 1) * kLanes);
+      for (int h = 0; h < G; ++h) {
+        even[h] += q[h][d] * k0;
+        odd[h] += q[h][d + 1] * k1;
+      }
+    }
+    Vec16 score[G];
+    for (int h = 0; h < G; ++h) score[h] = even[h] + odd[h];
+    for (int64_t t = context_len - b * kLanes; t < kLanes; ++t)  // a partly filled last block
+      for (int h = 0; h < G; ++h) score[h][t] = -INFINITY;
+    for (int h = 0; h < G; ++h) {
+      store16(scores + h * row + b * kLanes, score[h]);
+      top[h] = top[h] > score[h] ? top[h] : score[h];
+    }
+  }
+  // Softmax weights, unnormalized (the sum divides once at the end).
+  float total[G];
+  for (int h = 0; h < G; ++h) {
+    const float m = max16(top[h]);
+    Vec16 sum = {};
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      float* p = scores + h * row + b * kLanes;
+      Vec16 w = exp16(load16(p) - m);
+      for (int64_t t = context_len - b * kLanes; t < kLanes; ++t) w[t] = 0.f;  // past the context
+      store16(p, w);
+      sum += w;
+    }
+    total[h] = sum16(sum);
+  }
+  // Values: out[h] = sum_t weight[h][t] * value[t], a block's values row by row.
+  Vec16 acc[G][C] = {};
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const float* values = v_cache + block_table[b] * s.block_stride() + head_offset;
+    if (b + 1 < num_blocks) prefetch(v_cache + block_table[b + 1] * s.block_stride() + head_offset, dim * kLanes);
+    const int64_t count = std::min(kLanes, context_len - b * kLanes);
+    for (int64_t t = 0; t < count; ++t) {
+      const float* v = values + t * dim;
+      for (int c = 0; c < C; ++c) {
+        const Vec16 value = load16(v + c * kLanes);
+        for (int h = 0; h < G; ++h) acc[h][c] += scores[h * row + b * kLanes + t] * value;
+      }
+    }
+  }
+  float* out_heads = out + kv_head * G * dim;
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) store16(out_heads + h * dim + c * kLanes, acc[h][c] * (1.f / total[h]));
+}
+
+using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, int64_t, const Shape&,
+                          float, float*);
+
+template <int C>
+AttendFn fast_for_group(int64_t group) {
+  switch (group) {
+    case 1: return attend16<1, C>;
+    case 2: return attend16<2, C>;
+    case 3: return attend16<3, C>;
+    case 4: return attend16<4, C>;
+    case 5: return attend16<5, C>;
+    case 6: return attend16<6, C>;
+    case 7: return attend16<7, C>;
+    case 8: return attend16<8, C>;
+    default: return nullptr;
+  }
+}
+
+// The specialized kernel for this shape, or the general one.
+AttendFn choose_attend(const Shape& s) {
+  AttendFn fast = nullptr;
+  if (s.block_size == kLanes) {
+    if (s.head_dim == 64) fast = fast_for_group<4>(s.group());
+    if (s.head_dim == 128) fast = fast_for_group<8>(s.group());
+    if (s.head_dim == 256) fast = fast_for_group<16>(s.group());
+  }
+  return fast ? fast : attend;
+}
+
 }  // namespace
 
-// query [B, Hq, D]; k_cache [num_blocks, Hkv, D, block_size]; v_cache [num_blocks, Hkv, block_size, D];
-// block_tables [B, W] int64; context_lens [B] int64. Returns [B, Hq, D].
-torch::Tensor decode_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
-                               torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat32, "decode_attention (cpu) takes float32, got ",
+// Store new keys and values [T, Hkv, D] (rows may be strided, e.g. views into a fused qkv output)
+// at flat cache slots (block * block_size + offset), keys transposed within their block.
+void write_kv_cache(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache,
+                    torch::Tensor slot_mapping) {
+  TORCH_CHECK(key.scalar_type() == torch::kFloat32 && value.scalar_type() == torch::kFloat32 &&
+              k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32,
+              "write_kv_cache (cpu) takes float32");
+  TORCH_CHECK(key.dim() == 3 && key.stride(2) == 1 && value.dim() == 3 && value.stride(2) == 1,
+              "keys and values must be [tokens, kv_heads, head_dim] with contiguous heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.numel() == key.size(0),
+              "slot_mapping must be int64, one slot per token");
+  const int64_t tokens = key.size(0), heads = key.size(1), dim = key.size(2), block_size = v_cache.size(2);
+  TORCH_CHECK(k_cache.size(1) == heads && k_cache.size(2) == dim && v_cache.size(3) == dim,
+              "keys and KV cache shapes disagree");
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float *ks = key.data_ptr<float>(), *vs = value.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const int64_t head_stride = dim * block_size, block_stride = heads * head_stride;
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* k = ks + t * key.stride(0) + h * key.stride(1);
+        const float* v = vs + t * value.stride(0) + h * value.stride(1);
+        float* k_out = kc + block * block_stride + h * head_stride + offset;
+        for (int64_t d = 0; d < dim; ++d) k_out[d * block_size] = k[d];
+        std::copy(v, v + dim, vc + block * block_stride + h * head_stride + offset * dim);
+      }
+    }
+  });
+}
+
+// A ragged batch, one query token per row: query [T, Hq, D]; row t belongs to sequence token_seq[t]
+// (its block table: a row of block_tables [B, W]) and attends to that sequence's first
+// token_visible[t] cached tokens (a decode: its whole context; a prefill token: itself and what
+// precedes it). k_cache [num_blocks, Hkv, D, block_size]; v_cache [num_blocks, Hkv, block_size, D];
+// indices int64. Returns [T, Hq, D].
+torch::Tensor paged_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor token_seq, torch::Tensor token_visible,
+                              double scale) {
+  TORCH_CHECK(query.scalar_type() == torch::kFloat32, "paged_attention (cpu) takes float32, got ",
               query.scalar_type());
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32,
               "the KV cache must be float32");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
-              "block_tables and context_lens must be int64");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && token_seq.scalar_type() == torch::kInt64 &&
+              token_visible.scalar_type() == torch::kInt64, "block_tables, token_seq and token_visible must be int64");
   query = query.contiguous();
   k_cache = k_cache.contiguous();
   v_cache = v_cache.contiguous();
   block_tables = block_tables.contiguous();
-  context_lens = context_lens.contiguous();
+  token_seq = token_seq.contiguous();
+  token_visible = token_visible.contiguous();
   const Shape s{query.size(1), k_cache.size(1), query.size(2), k_cache.size(3), block_tables.size(1)};
   TORCH_CHECK(s.num_heads % s.num_kv_heads == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(k_cache.size(2) == s.head_dim && v_cache.size(3) == s.head_dim && v_cache.size(2) == s.block_size,
               "query and KV cache shapes disagree");
   TORCH_CHECK(s.block_size <= 64, "block_size must be at most 64, got ", s.block_size);
+  TORCH_CHECK(token_seq.numel() == query.size(0) && token_visible.numel() == query.size(0),
+              "token_seq and token_visible need one entry per query row");
   auto out = torch::empty_like(query);
   const int64_t items = query.size(0) * s.num_kv_heads;
   const float *q = query.data_ptr<float>(), *k = k_cache.data_ptr<float>(), *v = v_cache.data_ptr<float>();
-  const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = context_lens.data_ptr<int64_t>();
+  const int64_t *tables = block_tables.data_ptr<int64_t>(), *seqs = token_seq.data_ptr<int64_t>();
+  const int64_t* visible = token_visible.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  const int64_t seq_stride = s.num_heads * s.head_dim;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.num_kv_heads, g = item % s.num_kv_heads;
-      attend(q + b * seq_stride, k, v, tables + b * s.max_blocks, lens[b], g, s, static_cast<float>(scale),
-             o + b * seq_stride);
-    }
+  const int64_t row_stride = s.num_heads * s.head_dim;
+  const AttendFn attend_one = choose_attend(s);
+  // Items are dealt out in turn, not in halves: a prefill chunk's later tokens see more context,
+  // so contiguous ranges would leave one thread with most of the work.
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker)
+      for (int64_t item = worker; item < items; item += workers) {
+        const int64_t t = item / s.num_kv_heads, g = item % s.num_kv_heads;
+        attend_one(q + t * row_stride, k, v, tables + seqs[t] * s.max_blocks, visible[t], g, s,
+                   static_cast<float>(scale), o + t * row_stride);
+      }
   });
   return out;
 }

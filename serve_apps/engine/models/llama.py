@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.fused_layers import add_rms_norm, rms_norm, rotary
-from kernels.paged_attention import paged_attention, write_kv_cache
+from kernels.fused_layers import add_rms_norm, rms_norm, rotary, silu_and_mul
+from kernels.paged_attention import paged_attention, token_layout, write_kv_cache
 
 
 @dataclass
@@ -25,6 +25,11 @@ class AttentionBatch:
     block_tables: torch.Tensor  # [B, max_blocks]
     query_lens: list[int]
     context_lens: list[int]
+
+    @cached_property
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's sequence and visible context: the same for every layer, so made once a step."""
+        return token_layout(self.query_lens, self.context_lens, self.slot_mapping.device)
 
 
 class RMSNorm(nn.Module):
@@ -72,7 +77,8 @@ class Attention(nn.Module):
         k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), *angles)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         write_kv_cache(k, v, *kv_cache, batch.slot_mapping)
-        out = paged_attention(q, *kv_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale)
+        out = paged_attention(q, *kv_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale,
+                              batch.layout)
         return self.o_proj(out.flatten(1))
 
 
@@ -84,8 +90,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
