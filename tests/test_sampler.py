@@ -36,3 +36,15 @@ def test_greedy_and_logprobs():
     (token,) = sampler(LOGITS[None], [request])
     assert token.token_id == 0 and math.isclose(token.logprob, math.log(0.5), rel_tol=1e-5)
     assert list(token.top_logprobs) == [0, 1]
+
+
+def test_batched_greedy_choice_is_torchs_argmax_ties_included():
+    from kernels.sampling import greedy_tokens
+
+    logits = torch.randn(7, 49152)
+    logits[3, [5, 900, 40000]] = 50.0  # a three-way tie: the first index wins, as in torch
+    logits[5, -3:] = 60.0  # the maximum in the scalar tail past the last full vector
+    small = torch.randn(4, 10)  # fewer values than one vector
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(small), small.argmax(-1))
+    assert greedy_tokens(logits)[3] == 5

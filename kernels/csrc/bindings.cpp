@@ -9,6 +9,7 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor argmax_rows(torch::Tensor logits);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales);
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales);
 
@@ -19,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) (in place)");
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
+  m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32, CPU)");
   m.def("int8_linear", &int8_linear, "x @ (int8 codes * group scales)^T, for few rows (float32, CPU)");
   m.def("int4_linear", &int4_linear, "x @ (packed int4 codes * group scales)^T, for few rows (float32, CPU)");
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig
@@ -80,23 +81,26 @@ class ModelRunner:
                           for _ in range(config.num_hidden_layers)]
 
     def _prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]):
-        """Flat inputs for the step: per request a slice of tokens, never a loop over tokens."""
-        input_ids, positions, slots, tables = [], [], [], []
-        for item in out.scheduled:
-            start, end = item.start, item.start + item.num_new_tokens
-            table = block_ids[item.request.request_id]
-            request_positions = torch.arange(start, end)
-            input_ids += item.request.token_ids[start:end]
-            positions.append(request_positions)
-            blocks = torch.tensor(table)[request_positions // self.block_size]
-            slots.append(blocks * self.block_size + request_positions % self.block_size)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        query_lens = [item.num_new_tokens for item in out.scheduled]
-        context_lens = [item.start + item.num_new_tokens for item in out.scheduled]
-        batch = AttentionBatch(torch.cat(slots), block_tables, query_lens, context_lens)
-        return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), batch
+        """Flat inputs for the step, computed with whole-array operations: no Python per token."""
+        items = out.scheduled
+        query_lens = [item.num_new_tokens for item in items]
+        context_lens = [item.start + item.num_new_tokens for item in items]
+        input_ids: list[int] = []
+        for item in items:
+            input_ids += item.request.token_ids[item.start : item.start + item.num_new_tokens]
+        tables = [block_ids[item.request.request_id] for item in items]
+        block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int64)
+        for row, table in enumerate(tables):
+            block_tables[row, : len(table)] = table
+        lens = np.asarray(query_lens, dtype=np.int64)
+        token_seq = np.repeat(np.arange(len(items)), lens)
+        first_row = np.cumsum(lens) - lens  # where each sequence's tokens start in the batch
+        starts = np.asarray([item.start for item in items], dtype=np.int64)
+        positions = starts[token_seq] + np.arange(len(input_ids)) - first_row[token_seq]
+        slots = block_tables[token_seq, positions // self.block_size] * self.block_size + positions % self.block_size
+        batch = AttentionBatch(torch.from_numpy(slots), torch.from_numpy(block_tables), query_lens, context_lens,
+                               torch.from_numpy(token_seq), torch.from_numpy(positions + 1))
+        return torch.tensor(input_ids, dtype=torch.long), torch.from_numpy(positions), batch
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepLogits:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.sampling import greedy_tokens
 from serve_apps.engine.request import Request
 
 
@@ -78,7 +79,7 @@ class Sampler:
         return int(torch.multinomial(logits.softmax(-1), 1, generator=self._generator(request)))
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        argmax = logits.argmax(-1).tolist()  # one call for the whole batch: most requests are greedy
+        argmax = greedy_tokens(logits).tolist()  # one call for the whole batch: most requests are greedy
         # A log-softmax over the vocabulary costs as much as the argmax: only rows that report logprobs pay it.
         wanted = [row for row, request in enumerate(requests) if request.params.logprobs is not None]
         logprobs = dict(zip(wanted, logits[wanted].float().log_softmax(-1))) if wanted else {}

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import nn
 
 from kernels.fused_layers import add_rms_norm, rms_norm, rotary, silu_and_mul
-from kernels.paged_attention import paged_attention, token_layout, write_kv_cache
+from kernels.paged_attention import paged_attention, write_kv_cache
 
 
 @dataclass
@@ -25,11 +24,12 @@ class AttentionBatch:
     block_tables: torch.Tensor  # [B, max_blocks]
     query_lens: list[int]
     context_lens: list[int]
+    token_seq: torch.Tensor  # [T] the sequence each new token belongs to
+    token_visible: torch.Tensor  # [T] cached tokens it attends to: its position + 1
 
-    @cached_property
+    @property
     def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's sequence and visible context: the same for every layer, so made once a step."""
-        return token_layout(self.query_lens, self.context_lens, self.slot_mapping.device)
+        return self.token_seq, self.token_visible
 
 
 class RMSNorm(nn.Module):
