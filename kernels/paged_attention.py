@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_ops import native_ops
+from kernels.fused_layers import rotary
 
 
 def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -35,6 +36,22 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     blocks, offsets = slot_mapping // v_cache.shape[2], slot_mapping % v_cache.shape[2]
     k_cache[blocks, :, :, offsets] = key
     v_cache[blocks, :, offsets] = value
+
+
+def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """From a fused qkv projection [T, (Hq + 2 Hkv) * D]: rotary embedding on queries and keys, keys and
+    values stored at their cache slots; returns the queries [T, Hq, D]. One native call on CPU."""
+    if qkv.device.type == "cpu" and qkv.dtype == k_cache.dtype == torch.float32 and qkv.dim() == 2 \
+            and qkv.stride(-1) == 1 and not (torch.is_grad_enabled() and qkv.requires_grad) \
+            and (ops := native_ops()) is not None:
+        return ops.rotary_and_cache(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
+    kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
+    q, k, v = qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q = rotary(q.view(-1, num_heads, dim), cos, sin)
+    k = rotary(k.view(-1, kv_heads, dim), cos, sin)
+    write_kv_cache(k, v.view(-1, kv_heads, dim), k_cache, v_cache, slot_mapping)
+    return q
 
 
 def _gather_keys(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -66,27 +83,36 @@ def token_layout(query_lens: list[int], context_lens: list[int],
     return token_seq, token_visible
 
 
+def _visible(key_positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal mask [queries, keys], and within the last `window` positions when there is a window."""
+    mask = key_positions[None, :] <= query_positions[:, None]
+    if window:
+        mask &= key_positions[None, :] > query_positions[:, None] - window
+    return mask
+
+
 def decode_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               window: int | None = None) -> torch.Tensor:
     """One query token per sequence, all in one batched call: gather each sequence's blocks, then
     one masked SDPA. query: [B, Hq, D]."""
     keys, values = _gather_keys(k_cache, block_tables), _gather_values(v_cache, block_tables)
     positions = torch.arange(keys.shape[2], device=query.device)
-    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
+    mask = _visible(positions, context_lens - 1, window)  # [B, L]: each sequence's one query
+    out = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
+                                         scale=scale, enable_gqa=True)
     return out[:, :, 0]
 
 
 def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+                      block_table: torch.Tensor, context_len: int, scale: float,
+                      window: int | None = None) -> torch.Tensor:
     """One sequence's chunk of q new tokens, the last q of its context_len. query: [q, Hq, D]."""
     num_query = query.shape[0]
     keys = _gather_keys(k_cache, block_table[None])[:, :, :context_len]
     values = _gather_values(v_cache, block_table[None])[:, :, :context_len]
     query_positions = torch.arange(context_len - num_query, context_len, device=query.device)
-    key_positions = torch.arange(context_len, device=query.device)
-    mask = key_positions[None, :] <= query_positions[:, None]  # causal, offset by the cached part
+    mask = _visible(torch.arange(context_len, device=query.device), query_positions, window)
     out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys, values, attn_mask=mask,
                                          scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
@@ -94,7 +120,7 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
-                              scale: float) -> torch.Tensor:
+                              scale: float, window: int | None = None) -> torch.Tensor:
     """The torch reference for a ragged batch: decodes together in one call, prefill chunks one by one."""
     out = torch.empty_like(query)
     starts = [0]
@@ -104,25 +130,30 @@ def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cach
     if decodes:
         rows = torch.tensor([starts[i] for i in decodes], device=query.device)
         lens = torch.tensor([context_lens[i] for i in decodes], device=query.device)
-        out[rows] = decode_attention_reference(query[rows], k_cache, v_cache, block_tables[decodes], lens, scale)
+        out[rows] = decode_attention_reference(query[rows], k_cache, v_cache, block_tables[decodes], lens, scale,
+                                               window)
     for i, n in enumerate(query_lens):
         if n > 1:
             out[starts[i] : starts[i + 1]] = prefill_attention(
-                query[starts[i] : starts[i + 1]], k_cache, v_cache, block_tables[i], context_lens[i], scale)
+                query[starts[i] : starts[i + 1]], k_cache, v_cache, block_tables[i], context_lens[i], scale, window)
     return out
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
-                    scale: float, layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    scale: float, layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    window: int | None = None) -> torch.Tensor:
     """Ragged batch -> [T, Hq, D], in one kernel call: our C++ kernel for float32 on CPU, Triton on
     CUDA, the torch reference otherwise. `layout`: token_layout(query_lens, context_lens), when the
-    caller has it already (it is the same for every layer of a step)."""
+    caller has it already (it is the same for every layer of a step). `window`: a sliding window,
+    each token seeing only the last `window` positions up to its own (Gemma 3's local layers)."""
     if query.device.type == "cuda":
         from kernels.triton_paged_attention import paged_attention_triton  # Triton only where it runs
 
-        return paged_attention_triton(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale, layout)
+        return paged_attention_triton(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale, layout,
+                                      window)
     if query.dtype == torch.float32 and k_cache.dtype == torch.float32 and (ops := native_ops()) is not None:
         token_seq, token_visible = layout or token_layout(query_lens, context_lens, query.device)
-        return ops.paged_attention(query, k_cache, v_cache, block_tables, token_seq, token_visible, scale)
-    return paged_attention_reference(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+        return ops.paged_attention(query, k_cache, v_cache, block_tables, token_seq, token_visible, scale,
+                                   window or 0)
+    return paged_attention_reference(query, k_cache, v_cache, block_tables, query_lens, context_lens, scale, window)

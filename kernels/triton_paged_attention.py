@@ -19,13 +19,14 @@ from kernels.paged_attention import token_layout
 def _paged_attention_kernel(
     query, k_cache, v_cache, out, block_tables, token_seq, token_visible, scale, table_width,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_kd, stride_ks, stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ot, stride_oh,
+    stride_ot, stride_oh, window,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(token_seq + token)
-    visible = tl.load(token_visible + token)  # this token attends to cache positions [0, visible)
+    visible = tl.load(token_visible + token)  # this token attends to cache positions [first, visible)
+    first = tl.where(window > 0, tl.maximum(visible - window, 0), 0)
     group = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group
     dims = tl.arange(0, HEAD_DIM)
@@ -37,9 +38,9 @@ def _paged_attention_kernel(
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     offsets = tl.arange(0, BLOCK_SIZE)
-    for start in range(0, visible, BLOCK_SIZE):
+    for start in range(first // BLOCK_SIZE * BLOCK_SIZE, visible, BLOCK_SIZE):
         block = tl.load(block_tables + seq * table_width + start // BLOCK_SIZE).to(tl.int64)
-        in_context = start + offsets < visible
+        in_context = (start + offsets < visible) & (start + offsets >= first)
         key_rows = block * stride_kb + kv_head * stride_kh + offsets[:, None] * stride_ks + dims[None, :] * stride_kd
         value_rows = block * stride_vb + kv_head * stride_vh + offsets[:, None] * stride_vs + dims[None, :] * stride_vd
         keys = tl.load(k_cache + key_rows, mask=in_context[:, None], other=0.0).to(tl.float32)
@@ -59,7 +60,8 @@ def _paged_attention_kernel(
 
 def paged_attention_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
-                           scale: float, layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           scale: float, layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """query [T, Hq, D] -> [T, Hq, D]; see kernels.paged_attention for the batch layout."""
     num_tokens, num_heads, head_dim = query.shape
     _, num_kv_heads, _, block_size = k_cache.shape
@@ -73,6 +75,7 @@ def paged_attention_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     _paged_attention_kernel[(num_tokens, num_kv_heads)](
         query, k_cache, v_cache, out, block_tables, token_seq, token_visible, scale, block_tables.shape[1],
         query.stride(0), query.stride(1), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 2), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        window or 0, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 2), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
     )
     return out

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
@@ -17,6 +17,10 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
     "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=False),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    # a window of 11 tokens: shorter than most prompts, ending mid-block for every block size here
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=11, query_pre_attn_scalar=24,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       hidden_activation="gelu_pytorch_tanh"),
 }
 
 
@@ -27,6 +31,9 @@ def tiny_model(request, tmp_path_factory, smollm2_dir):
     model = AutoModelForCausalLM.from_config(CONFIGS[request.param]())
     with torch.no_grad():  # sharpen the random logits so greedy choices are far from ties
         model.get_output_embeddings().weight.mul_(4)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") and request.param == "gemma3":
+                param.normal_(0, 0.5)  # Gemma's norms start at 0 (a factor of 1): make them matter
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -14,7 +14,8 @@ from kernels.paged_attention import (
 )
 
 
-def test_ragged_batch_matches_dense_attention():
+@pytest.mark.parametrize("window", [None, 5])
+def test_ragged_batch_matches_dense_attention(window):
     torch.manual_seed(0)
     heads, kv_heads, dim, block_size, num_blocks = 4, 2, 8, 4, 64
     k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, kv_heads, dim)
@@ -30,16 +31,18 @@ def test_ragged_batch_matches_dense_attention():
         write_kv_cache(keys, values, k_cache, v_cache, slots)
         query = torch.randn(new, heads, dim)
         queries.append(query)
-        mask = torch.arange(context)[None, :] <= torch.arange(context - new, context)[:, None]
+        keys_at, queries_at = torch.arange(context)[None, :], torch.arange(context - new, context)[:, None]
+        mask = (keys_at <= queries_at) & ((keys_at > queries_at - window) if window else True)
         dense = F.scaled_dot_product_attention(
             query.transpose(0, 1), keys.repeat_interleave(2, 1).transpose(0, 1),
             values.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask, scale=dim**-0.5)
         expected.append(dense.transpose(0, 1))
     width = max(map(len, tables))
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    out = paged_attention(torch.cat(queries), k_cache, v_cache, block_tables,
-                          [n for _, n in sequences], [c for c, _ in sequences], dim**-0.5)
-    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    for attend in (paged_attention, paged_attention_reference):  # the native kernel and the reference
+        out = attend(torch.cat(queries), k_cache, v_cache, block_tables,
+                     [n for _, n in sequences], [c for c, _ in sequences], dim**-0.5, window=window)
+        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
 def _scattered_cache(num_seqs, kv_heads, dim, block_size, lengths, seed):
@@ -69,7 +72,7 @@ def test_native_decode_kernel_matches_reference(num_seqs, heads, kv_heads, dim):
     query = torch.randn(num_seqs, heads, dim)
     lens = torch.tensor(lengths)
     expected = decode_attention_reference(query, k_cache, v_cache, tables, lens, dim**-0.5)
-    out = ops.paged_attention(query, k_cache, v_cache, tables, torch.arange(num_seqs), lens, dim**-0.5)
+    out = ops.paged_attention(query, k_cache, v_cache, tables, torch.arange(num_seqs), lens, dim**-0.5, 0)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -78,22 +81,25 @@ def test_native_decode_kernel_rejects_other_dtypes():
     k_cache, v_cache, tables = _scattered_cache(2, 2, 8, 4, [3, 4], seed=0)
     with pytest.raises(RuntimeError, match="float32"):
         ops.paged_attention(torch.randn(2, 2, 8).bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables,
-                            torch.arange(2), torch.tensor([3, 4]), 0.3)
+                            torch.arange(2), torch.tensor([3, 4]), 0.3, 0)
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim, block_size", [
     (9, 3, 64, 16),   # SmolLM2, the specialized kernel
     (4, 2, 8, 4),     # the general kernel
 ])
-def test_native_kernel_takes_prefill_chunks_and_decodes_in_one_call(heads, kv_heads, dim, block_size):
-    """Chunks that start the context, chunks after cached tokens, and decodes, mixed in one batch."""
+@pytest.mark.parametrize("window", [None, 20])
+def test_native_kernel_takes_prefill_chunks_and_decodes_in_one_call(heads, kv_heads, dim, block_size, window):
+    """Chunks that start the context, chunks after cached tokens, and decodes, mixed in one batch;
+    with a sliding window too (windows starting mid-block, and longer than some contexts)."""
     sequences = [(130, 130), (45, 1), (70, 23), (1, 1), (16, 16), (200, 1), (33, 17)]  # (context, new tokens)
     lengths = [c for c, _ in sequences]
     k_cache, v_cache, tables = _scattered_cache(len(sequences), kv_heads, dim, block_size, lengths, seed=dim)
     query = torch.randn(sum(n for _, n in sequences), heads, dim)
     query_lens = [n for _, n in sequences]
-    expected = paged_attention_reference(query, k_cache, v_cache, tables, query_lens, lengths, dim**-0.5)
-    out = paged_attention(query, k_cache, v_cache, tables, query_lens, lengths, dim**-0.5)
+    expected = paged_attention_reference(query, k_cache, v_cache, tables, query_lens, lengths, dim**-0.5,
+                                         window=window)
+    out = paged_attention(query, k_cache, v_cache, tables, query_lens, lengths, dim**-0.5, window=window)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

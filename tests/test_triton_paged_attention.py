@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is in the test extras: pip install -e '.[test]'")
 
-CASES = [(9, 3, 64), (4, 4, 16), (8, 1, 32)]  # (heads, kv_heads, head_dim)
+CASES = [(9, 3, 64, None), (4, 4, 16, None), (8, 1, 32, None), (4, 1, 32, 24)]  # (heads, kv_heads, head_dim, window)
 REPO = Path(__file__).resolve().parent.parent
 
 
-def compare(heads: int, kv_heads: int, dim: int, device: str) -> float:
+def compare(heads: int, kv_heads: int, dim: int, window: int | None, device: str) -> float:
     """Largest difference between Triton and the reference on a ragged batch; asserts closeness."""
     from kernels.paged_attention import kv_cache_shapes, paged_attention
     from kernels.triton_paged_attention import paged_attention_triton
@@ -30,9 +30,9 @@ def compare(heads: int, kv_heads: int, dim: int, device: str) -> float:
     tables = torch.randperm(num_blocks, generator=generator)[: len(sequences) * width].view(len(sequences), width)
     query = torch.randn(sum(n for _, n in sequences), heads, dim, generator=generator)
     query_lens, context_lens = [n for _, n in sequences], [c for c, _ in sequences]
-    expected = paged_attention(query, k_cache, v_cache, tables, query_lens, context_lens, dim**-0.5)
+    expected = paged_attention(query, k_cache, v_cache, tables, query_lens, context_lens, dim**-0.5, window=window)
     on_device = [t.to(device) for t in (query, k_cache, v_cache, tables)]
-    out = paged_attention_triton(*on_device, query_lens, context_lens, dim**-0.5).cpu()
+    out = paged_attention_triton(*on_device, query_lens, context_lens, dim**-0.5, window=window).cpu()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     return (out - expected).abs().max().item()
 

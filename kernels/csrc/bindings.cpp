@@ -2,9 +2,11 @@
 
 torch::Tensor paged_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor token_seq, torch::Tensor token_visible,
-                              double scale);
+                              double scale, int64_t window);
 void write_kv_cache(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache,
                     torch::Tensor slot_mapping);
+torch::Tensor rotary_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                               torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t num_heads);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
@@ -16,6 +18,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "attention over a paged KV cache, one query row at a time (float32, CPU)");
   m.def("write_kv_cache", &write_kv_cache, "store new keys and values at their cache slots (float32, CPU)");
+  m.def("rotary_and_cache", &rotary_and_cache, "rotary on q and k of a fused qkv, k and v into the cache; returns q");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from a fused gate_up output (float32, CPU)");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) (in place)");
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight");

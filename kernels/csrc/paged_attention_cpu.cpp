@@ -74,31 +74,34 @@ void softmax_rows(float* scores, int64_t rows, int64_t len) {
   }
 }
 
-// One (sequence, KV head): its `group` query heads against `context_len` cached tokens.
+// One (sequence, KV head): its `group` query heads against cached positions [first, context_len).
 void attend(const float* query, const float* k_cache, const float* v_cache, const int64_t* block_table,
-            int64_t context_len, int64_t kv_head, const Shape& s, float scale, float* out) {
+            int64_t first, int64_t context_len, int64_t kv_head, const Shape& s, float scale, float* out) {
   const int64_t group = s.group(), dim = s.head_dim, bs = s.block_size;
-  const int64_t num_blocks = (context_len + bs - 1) / bs;
+  const int64_t first_block = first / bs, num_blocks = (context_len + bs - 1) / bs;
+  const int64_t len = context_len - first_block * bs;  // scores kept from the first block's start
   thread_local std::vector<float> q, scores, acc;
   q.resize(group * dim);
-  scores.resize(group * num_blocks * bs);
+  scores.resize(group * len);
   acc.assign(group * dim, 0.f);
   const float* query_heads = query + kv_head * group * dim;
   for (int64_t i = 0; i < group * dim; ++i) q[i] = query_heads[i] * scale;
   const int64_t head_offset = kv_head * s.head_stride();
 
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t b = first_block; b < num_blocks; ++b) {
     if (b + 1 < num_blocks) prefetch(k_cache + block_table[b + 1] * s.block_stride() + head_offset, s.head_stride());
     const int64_t count = std::min(bs, context_len - b * bs);
     score_block(q.data(), k_cache + block_table[b] * s.block_stride() + head_offset, group, dim, bs, count,
-                scores.data() + b * bs, context_len);
+                scores.data() + (b - first_block) * bs, len);
   }
-  softmax_rows(scores.data(), group, context_len);
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t h = 0; h < group; ++h)  // before the window: no weight
+    std::fill(scores.data() + h * len, scores.data() + h * len + (first - first_block * bs), -INFINITY);
+  softmax_rows(scores.data(), group, len);
+  for (int64_t b = first_block; b < num_blocks; ++b) {
     if (b + 1 < num_blocks) prefetch(v_cache + block_table[b + 1] * s.block_stride() + head_offset, s.head_stride());
     const int64_t count = std::min(bs, context_len - b * bs);
-    accumulate_block(scores.data() + b * bs, context_len, v_cache + block_table[b] * s.block_stride() + head_offset,
-                     group, dim, count, acc.data());
+    accumulate_block(scores.data() + (b - first_block) * bs, len,
+                     v_cache + block_table[b] * s.block_stride() + head_offset, group, dim, count, acc.data());
   }
   std::copy(acc.begin(), acc.end(), out + kv_head * group * dim);
 }
@@ -109,23 +112,25 @@ void attend(const float* query, const float* k_cache, const float* v_cache, cons
 // used G times, and no accumulator goes back to memory until the sequence is done.
 template <int G, int C>
 void attend16(const float* query, const float* k_cache, const float* v_cache, const int64_t* block_table,
-              int64_t context_len, int64_t kv_head, const Shape& s, float scale, float* out) {
+              int64_t first, int64_t context_len, int64_t kv_head, const Shape& s, float scale, float* out) {
   constexpr int64_t dim = C * kLanes;
-  const int64_t num_blocks = (context_len + kLanes - 1) / kLanes;
+  const int64_t first_block = first / kLanes, num_blocks = (context_len + kLanes - 1) / kLanes;
   const int64_t head_offset = kv_head * s.head_stride();
+  const int64_t row = (num_blocks - first_block) * kLanes;  // scores kept from the first block's start
   thread_local std::vector<float> score_rows;
-  score_rows.resize(G * num_blocks * kLanes);
+  score_rows.resize(G * row);
   float* scores = score_rows.data();
-  const int64_t row = num_blocks * kLanes;
   float q[G][dim];
   const float* query_heads = query + kv_head * G * dim;
   for (int h = 0; h < G; ++h)
     for (int64_t d = 0; d < dim; ++d) q[h][d] = query_heads[h * dim + d] * scale;
+  // Position p of block b is lane p - 16 b; lanes outside [first, context_len) take no weight.
+  auto outside = [&](int64_t b, int64_t t) { return b * kLanes + t < first || b * kLanes + t >= context_len; };
 
   // Scores: a block's keys are stored transposed, [dim][16], so row d holds feature d of 16 tokens.
   Vec16 top[G];
   for (int h = 0; h < G; ++h) top[h] = Vec16{} - INFINITY;
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t b = first_block; b < num_blocks; ++b) {
     const float* keys = k_cache + block_table[b] * s.block_stride() + head_offset;
     if (b + 1 < num_blocks) prefetch(k_cache + block_table[b + 1] * s.block_stride() + head_offset, dim * kLanes);
     // Two partial sums per head (even and odd features): twice the independent FMA chains.
@@ -139,10 +144,12 @@ void attend16(const float* query, const float* k_cache, const float* v_cache, co
     }
     Vec16 score[G];
     for (int h = 0; h < G; ++h) score[h] = even[h] + odd[h];
-    for (int64_t t = context_len - b * kLanes; t < kLanes; ++t)  // a partly filled last block
-      for (int h = 0; h < G; ++h) score[h][t] = -INFINITY;
+    if (b == first_block || b == num_blocks - 1)
+      for (int64_t t = 0; t < kLanes; ++t)
+        if (outside(b, t))
+          for (int h = 0; h < G; ++h) score[h][t] = -INFINITY;
     for (int h = 0; h < G; ++h) {
-      store16(scores + h * row + b * kLanes, score[h]);
+      store16(scores + h * row + (b - first_block) * kLanes, score[h]);
       top[h] = top[h] > score[h] ? top[h] : score[h];
     }
   }
@@ -151,10 +158,12 @@ void attend16(const float* query, const float* k_cache, const float* v_cache, co
   for (int h = 0; h < G; ++h) {
     const float m = max16(top[h]);
     Vec16 sum = {};
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      float* p = scores + h * row + b * kLanes;
+    for (int64_t b = first_block; b < num_blocks; ++b) {
+      float* p = scores + h * row + (b - first_block) * kLanes;
       Vec16 w = exp16(load16(p) - m);
-      for (int64_t t = context_len - b * kLanes; t < kLanes; ++t) w[t] = 0.f;  // past the context
+      if (b == first_block || b == num_blocks - 1)
+        for (int64_t t = 0; t < kLanes; ++t)
+          if (outside(b, t)) w[t] = 0.f;
       store16(p, w);
       sum += w;
     }
@@ -162,15 +171,17 @@ void attend16(const float* query, const float* k_cache, const float* v_cache, co
   }
   // Values: out[h] = sum_t weight[h][t] * value[t], a block's values row by row.
   Vec16 acc[G][C] = {};
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t b = first_block; b < num_blocks; ++b) {
     const float* values = v_cache + block_table[b] * s.block_stride() + head_offset;
     if (b + 1 < num_blocks) prefetch(v_cache + block_table[b + 1] * s.block_stride() + head_offset, dim * kLanes);
+    const int64_t begin = std::max<int64_t>(0, first - b * kLanes);
     const int64_t count = std::min(kLanes, context_len - b * kLanes);
-    for (int64_t t = 0; t < count; ++t) {
+    const float* weights = scores + (b - first_block) * kLanes;
+    for (int64_t t = begin; t < count; ++t) {
       const float* v = values + t * dim;
       for (int c = 0; c < C; ++c) {
         const Vec16 value = load16(v + c * kLanes);
-        for (int h = 0; h < G; ++h) acc[h][c] += scores[h * row + b * kLanes + t] * value;
+        for (int h = 0; h < G; ++h) acc[h][c] += weights[h * row + t] * value;
       }
     }
   }
@@ -179,8 +190,8 @@ void attend16(const float* query, const float* k_cache, const float* v_cache, co
     for (int c = 0; c < C; ++c) store16(out_heads + h * dim + c * kLanes, acc[h][c] * (1.f / total[h]));
 }
 
-using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, int64_t, const Shape&,
-                          float, float*);
+using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, int64_t, int64_t,
+                          const Shape&, float, float*);
 
 template <int C>
 AttendFn fast_for_group(int64_t group) {
@@ -244,14 +255,33 @@ void write_kv_cache(torch::Tensor key, torch::Tensor value, torch::Tensor k_cach
   });
 }
 
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);  // norm_rotary_cpu.cpp
+
+// The attention block's step between its qkv projection and attention, in one call: rotary
+// embedding on the query and key parts of qkv [T, (Hq + 2 Hkv) * D] (in place), the keys and values
+// into their cache slots. Returns the rotated queries, a [T, Hq, D] view into qkv.
+torch::Tensor rotary_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                               torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t num_heads) {
+  const int64_t tokens = qkv.size(0), kv_heads = k_cache.size(1), dim = k_cache.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (num_heads + 2 * kv_heads) * dim,
+              "qkv must be [tokens, (heads + 2 kv_heads) * head_dim] with contiguous rows");
+  auto q = qkv.narrow(1, 0, num_heads * dim).view({tokens, num_heads, dim});
+  auto k = qkv.narrow(1, num_heads * dim, kv_heads * dim).view({tokens, kv_heads, dim});
+  auto v = qkv.narrow(1, (num_heads + kv_heads) * dim, kv_heads * dim).view({tokens, kv_heads, dim});
+  rotary_(q, cos, sin);
+  rotary_(k, cos, sin);
+  write_kv_cache(k, v, k_cache, v_cache, slot_mapping);
+  return q;
+}
+
 // A ragged batch, one query token per row: query [T, Hq, D]; row t belongs to sequence token_seq[t]
 // (its block table: a row of block_tables [B, W]) and attends to that sequence's first
 // token_visible[t] cached tokens (a decode: its whole context; a prefill token: itself and what
-// precedes it). k_cache [num_blocks, Hkv, D, block_size]; v_cache [num_blocks, Hkv, block_size, D];
-// indices int64. Returns [T, Hq, D].
+// precedes it), or with a sliding window > 0 only the last `window` of those. k_cache [num_blocks,
+// Hkv, D, block_size]; v_cache [num_blocks, Hkv, block_size, D]; indices int64. Returns [T, Hq, D].
 torch::Tensor paged_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor token_seq, torch::Tensor token_visible,
-                              double scale) {
+                              double scale, int64_t window) {
   TORCH_CHECK(query.scalar_type() == torch::kFloat32, "paged_attention (cpu) takes float32, got ",
               query.scalar_type());
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32,
@@ -286,7 +316,8 @@ torch::Tensor paged_attention(torch::Tensor query, torch::Tensor k_cache, torch:
     for (int64_t worker = begin; worker < end; ++worker)
       for (int64_t item = worker; item < items; item += workers) {
         const int64_t t = item / s.num_kv_heads, g = item % s.num_kv_heads;
-        attend_one(q + t * row_stride, k, v, tables + seqs[t] * s.max_blocks, visible[t], g, s,
+        const int64_t first = window > 0 ? std::max<int64_t>(0, visible[t] - window) : 0;
+        attend_one(q + t * row_stride, k, v, tables + seqs[t] * s.max_blocks, first, visible[t], g, s,
                    static_cast<float>(scale), o + t * row_stride);
       }
   });

@@ -23,8 +23,9 @@ from serve_apps.engine.scheduler import Scheduler
 
 
 def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
-    """Text to token ids as the engine reads prompts (no special tokens added); ids pass through."""
-    return tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+    """Text to token ids as the engine reads prompts, with the special tokens the tokenizer adds to
+    any text (Gemma's <bos>; SmolLM2's adds none), as transformers and vLLM do; ids pass through."""
+    return tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
 
 
 class EngineConfig(StrictConfig):

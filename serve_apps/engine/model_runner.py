@@ -14,6 +14,7 @@ from kernels.cpu_linear import prepack_linears
 from kernels.memory import zeros_on_huge_pages
 from kernels.paged_attention import kv_cache_shapes
 from serve_apps.engine.models.compressed import install_compressed
+from serve_apps.engine.models.gemma3 import Gemma3ForCausalLM
 from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
 from serve_apps.engine.scheduler import SchedulerOutput
 
@@ -32,7 +33,8 @@ class StepLogits:
     prompt_logprobs: dict[str, tuple[int, list[PromptLogprob]]]
 
 
-ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
+                 "gemma3_text": Gemma3ForCausalLM}
 
 
 def hf_weights(path: Path):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.fused_layers import add_rms_norm, rms_norm, rotary, silu_and_mul
-from kernels.paged_attention import paged_attention, write_kv_cache
+from kernels.fused_layers import add_rms_norm, rms_norm, silu_and_mul
+from kernels.paged_attention import paged_attention, rotary_and_cache
 
 
 @dataclass
@@ -72,11 +72,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, x, angles, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(-1, self.num_heads, self.head_dim), *angles)
-        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), *angles)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        write_kv_cache(k, v, *kv_cache, batch.slot_mapping)
+        q = rotary_and_cache(self.qkv_proj(x), *angles, *kv_cache, batch.slot_mapping, self.num_heads)
         out = paged_attention(q, *kv_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale,
                               batch.layout)
         return self.o_proj(out.flatten(1))
@@ -113,8 +109,9 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-def rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
+def rope_theta(config, params: dict | None = None) -> float:
+    """The rotary base of `params` (default: the config's rope_parameters); only plain RoPE is built."""
+    params = params if params is not None else (getattr(config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (only 'default')")
@@ -161,6 +158,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             module, _, leaf = name.rpartition(".")
             parent, _, proj = module.rpartition(".")
+            tensor = self.checkpoint_tensor(name, tensor)
             if proj in self.FUSED:
                 fused, index = self.FUSED[proj]
                 target = params[f"{parent}.{fused}.{leaf}"]
@@ -172,6 +170,11 @@ class LlamaForCausalLM(nn.Module):
                 params[name].data.copy_(tensor)
                 loaded.add(name)
         self._check_all_loaded(loaded, installed)
+
+    def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor as our parameter `name` holds it (models that store weights
+        differently from Hugging Face convert here)."""
+        return tensor
 
     def _fused_sizes(self, fused: str, total: int) -> list[int]:
         if fused == "gate_up_proj":
