@@ -56,6 +56,7 @@ class ServeAppConfig(StrictConfig):
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; RAYFOUNDRY_API_KEYS adds more")
     ingress_num_cpus: float = Field(0.5, ge=0, description="the HTTP ingress: parsing and tokenizing only")
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description="streams one ingress replica relays")
+    max_body_mib: float = Field(4.0, gt=0, description="larger request bodies get 413")
 
     @model_validator(mode="after")
     def _unique_ids(self):
@@ -99,4 +100,5 @@ def build_app(args: dict | ServeAppConfig) -> Application:
     ingress = serve.deployment(Ingress).options(
         name="OpenAIIngress", ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=config.ingress_max_ongoing_requests)
-    return ingress.bind(servers, {m.model_id: m.model for m in config.models}, config.api_keys)
+    return ingress.bind(servers, {m.model_id: m.model for m in config.models}, config.api_keys,
+                        int(config.max_body_mib * 2**20))

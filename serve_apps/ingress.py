@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from serve_apps.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from serve_apps.openai_protocol import (
     ChatCompletionRequest,
     Chunk,
@@ -30,6 +31,8 @@ from serve_apps.openai_protocol import (
 from serve_apps.prompts import PromptBuilder
 
 api = FastAPI(title="rayfoundry OpenAI-compatible API")
+api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+api.add_middleware(BodyLimit, limit_of=lambda: api.state.max_body_bytes)
 
 
 class OpenAIError(Exception):
@@ -50,6 +53,9 @@ async def _openai_error(_, error: OpenAIError):
 @api.exception_handler(RequestValidationError)
 async def _invalid(_, error: RequestValidationError):
     first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return _error(400, f"request body is not valid JSON ({detail})".replace(" ()", ""), "invalid_request_error")
     param = ".".join(str(p) for p in first["loc"][1:]) or None
     return _error(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request_error", param)
 
@@ -210,8 +216,10 @@ async def _whole_chat(meta: dict, choices, body: ChatCompletionRequest) -> dict:
 class Ingress:
     """Routes by the request's `model` to that model's LLMServer handle."""
 
-    def __init__(self, servers: dict, models: dict[str, str], api_keys: list[str] | None = None):
+    def __init__(self, servers: dict, models: dict[str, str], api_keys: list[str] | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         """servers: model id -> LLMServer handle; models: model id -> the model to tokenize with."""
+        api.state.max_body_bytes = max_body_bytes
         self.servers = servers
         self.prompts = {model_id: PromptBuilder(model) for model_id, model in models.items()}
         self.api_keys = set(api_keys or []) | {k for k in os.environ.get("RAYFOUNDRY_API_KEYS", "").split(",") if k}

@@ -109,12 +109,6 @@ def test_overload_gets_429_and_loses_no_accepted_request(served):
     assert stats["num_requests"] == 0 and stats["num_free_blocks"] == 64
 
 
-@pytest.mark.parametrize("key", [None, "wrong"])
-def test_requests_without_the_api_key_are_refused(served, key):
-    code, reply = _post(f"{served}/v1/completions", {"model": "tiny", "prompt": "x"}, key)
-    assert code == 401 and reply["error"]["type"] == "authentication_error"
-
-
 def test_models_and_health(client, served):
     assert [m.id for m in client.models.list()] == ["tiny", "tight", "long", "ray-prefix"]
     with urllib.request.urlopen(f"{served}/health", timeout=10) as response:
@@ -169,19 +163,80 @@ def test_logprobs_and_echo(client):
     assert len(entries) == 2 and all(len(e.top_logprobs) == 3 for e in entries)
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"model": "nope", "prompt": "x"}, 404, "model"),
-    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"model": "tiny", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
-    ({"model": "tiny", "prompt": "x", "top_k": 0}, 400, None),
-    ({"model": "tiny", "prompt": "word " * 200}, 400, None),  # longer than the 64-token context
-])
-def test_bad_requests_get_openai_errors(served, body, status, param):
-    code, reply = _post(f"{served}/v1/completions", body)
-    assert code == status
-    assert reply["error"]["code"] == status and reply["error"]["message"]
+def _post_raw(url: str, data: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
+    """(status, JSON body). A server may answer a body it refuses before it has all of it and close
+    the connection; the answer is read even when sending the rest fails."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        connection.request("POST", "/" + url.split("/", 3)[3], data, headers)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _json(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+# Every bad request a user can send, one row each: (endpoint, body, API key, status, param named).
+BAD_REQUESTS = {
+    "malformed JSON": ("completions", b'{"model": "tiny", "prompt": ', API_KEY, 400, None),
+    "wrong type (max_tokens)": ("completions", _json({"model": "tiny", "prompt": "x", "max_tokens": "many"}),
+                                API_KEY, 400, "max_tokens"),
+    "wrong type (messages)": ("chat/completions", _json({"model": "tiny", "messages": "hi"}), API_KEY, 400,
+                              "messages"),
+    "unknown model": ("completions", _json({"model": "nope", "prompt": "x"}), API_KEY, 404, "model"),
+    "negative max_tokens": ("completions", _json({"model": "tiny", "prompt": "x", "max_tokens": -5}), API_KEY, 400,
+                            "max_tokens"),
+    "prompt over the context": ("completions", _json({"model": "tiny", "prompt": "word " * 200}), API_KEY, 400,
+                                None),  # the tiny model's context is 64 tokens
+    "n = 0": ("completions", _json({"model": "tiny", "prompt": "x", "n": 0}), API_KEY, 400, "n"),
+    "10 MB body": ("completions", _json({"model": "tiny", "prompt": "a" * 10_000_000}), API_KEY, 413, None),
+    "bad API key": ("completions", _json({"model": "tiny", "prompt": "x"}), "wrong-key", 401, None),
+    "no API key": ("chat/completions", _json({"model": "tiny", "messages": [{"role": "user", "content": "x"}]}),
+                   None, 401, None),
+    "negative temperature": ("completions", _json({"model": "tiny", "prompt": "x", "temperature": -1}), API_KEY,
+                             400, "temperature"),
+    "unknown field": ("completions", _json({"model": "tiny", "prompt": "x", "frobnicate": 1}), API_KEY, 400,
+                      "frobnicate"),
+    "top_k 0": ("completions", _json({"model": "tiny", "prompt": "x", "top_k": 0}), API_KEY, 400, None),
+    "no messages": ("chat/completions", _json({"model": "tiny", "messages": []}), API_KEY, 400, "messages"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_get_openai_errors(served, case):
+    endpoint, data, key, status, param = BAD_REQUESTS[case]
+    code, reply = _post_raw(f"{served}/v1/{endpoint}", data, key)
+    assert code == status, reply
+    assert reply["error"]["code"] == status and reply["error"]["message"] and reply["error"]["type"]
     if param:
         assert reply["error"]["param"] == param
+
+
+def test_a_large_body_without_a_length_is_cut_off_as_it_arrives(served):
+    """Sent in chunks (no Content-Length), the body is counted as it streams in and refused at the limit."""
+    import http.client
+
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(100):
+            yield b"a" * 100_000
+        yield b'"}'
+
+    host, port = served.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v1/completions", chunks(), {"Content-Type": "application/json",
+                                                              "Authorization": f"Bearer {API_KEY}"},
+                       encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == 413
 
 
 @pytest.mark.parametrize("args, message", [
@@ -279,3 +334,4 @@ def test_ray_prefix_router_serves_token_ids_chat_and_several_choices(client):
     chat = client.chat.completions.create(model="ray-prefix", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=3, n=3, seed=1, timeout=30)
     assert len(chat.choices) == 3
+
