@@ -62,6 +62,17 @@ ROUTER_PROMPT_TOKENS = MetricSpec("rayfoundry_router_prompt_tokens_total", "coun
 ROUTER_METRICS = (ROUTER_DECISIONS, ROUTER_MATCHED_TOKENS, ROUTER_PROMPT_TOKENS)
 
 
+# Recorded by rank 0 of a Ray Train run (jobs/train), tagged with the run's name.
+_TRAIN_TAGS = ("run",)
+TRAIN_STEP = MetricSpec("rayfoundry_train_step", "gauge", "Optimizer steps done.", tag_keys=_TRAIN_TAGS)
+TRAIN_LOSS = MetricSpec("rayfoundry_train_loss", "gauge", "Training loss of the last step.", tag_keys=_TRAIN_TAGS)
+TRAIN_TOKENS_PER_SECOND = MetricSpec("rayfoundry_train_tokens_per_second", "gauge",
+                                     "Tokens trained per second over all workers, last step.", tag_keys=_TRAIN_TAGS)
+TRAIN_VALIDATION_PERPLEXITY = MetricSpec("rayfoundry_train_validation_perplexity", "gauge",
+                                         "Perplexity on the validation split, last measured.", tag_keys=_TRAIN_TAGS)
+TRAIN_METRICS = (TRAIN_STEP, TRAIN_LOSS, TRAIN_TOKENS_PER_SECOND, TRAIN_VALIDATION_PERPLEXITY)
+
+
 def ray_metric(spec: MetricSpec):
     """The ray.util.metrics object for `spec` (create once per process and reuse)."""
     from ray.util import metrics

@@ -54,3 +54,56 @@ def test_prepare_data_runs_as_a_ray_job_listed_by_the_dashboard(local_cluster, t
     assert "jobs.prepare_data" in jobs[job_id]["entrypoint"]
     manifest = json.loads((store / "datasets" / "romans" / "manifest.json").read_text())
     assert manifest["splits"]["validation"]["tokens"] > 0 and manifest["splits"]["train"]["tokens"] > 0
+
+
+def _train_runs() -> list[dict]:
+    """The dashboard's Ray Train view of Train v2 runs."""
+    import urllib.request
+
+    with urllib.request.urlopen("http://127.0.0.1:8265/api/train/v2/runs/v1", timeout=30) as response:
+        return json.loads(response.read())["train_runs"]
+
+
+def _metrics_text() -> str:
+    import urllib.request
+
+    from cluster.local_cluster import METRICS_EXPORT_PORT
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_EXPORT_PORT}/metrics", timeout=30) as response:
+        return response.read().decode()
+
+
+def test_qat_runs_as_a_ray_job_with_its_run_and_progress_in_the_dashboard(local_cluster, tmp_path, tiny_llama_dir,
+                                                                         smollm2_home):
+    import time
+
+    import yaml
+
+    from cluster.metrics import TRAIN_LOSS
+
+    recipe = tmp_path / "int4.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "int4", "steps": [{"method": "rtn", "bits": 4, "group_size": 32,
+                                                                 "exclude": ["lm_head"]}]}))
+    run_name = f"qat-job-{tmp_path.name}"
+    config = tmp_path / "qat.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_llama_dir), "recipe": str(recipe), "out": "tiny.int4-qat-job", "force": True,
+        "store": str(smollm2_home / "store"), "run_name": run_name, "eval_tokens": 512, "eval_window": 64,
+        "train": {"workers": 2, "steps": 30, "micro_batch": 2, "seq_len": 32, "eval_every": 10, "eval_tokens": 256,
+                  "eval_window": 32, "checkpoint_every": 10}}))
+    submitted = run([RAY, "job", "submit", "--no-wait", "--working-dir", ".", "--", "python", "-m", "jobs.qat",
+                     "--config", str(config)], local_cluster, cwd=REPO, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("Job '")[1].split("'")[0]
+    seen_metric, deadline = False, time.monotonic() + 900
+    while time.monotonic() < deadline:
+        seen_metric = seen_metric or f'ray_{TRAIN_LOSS.name}{{' in _metrics_text() and run_name in _metrics_text()
+        status = {job["submission_id"]: job for job in list_jobs()}[job_id]["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    logs = run([RAY, "job", "logs", job_id], local_cluster, timeout=60).stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert seen_metric, "the run's loss never reached Ray's metrics endpoint"
+    runs = {r["name"]: r for r in _train_runs()}
+    assert runs[run_name]["status"] == "FINISHED"

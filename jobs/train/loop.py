@@ -25,6 +25,7 @@ from jobs.train.checkpoints import report_with_checkpoint, restore
 from jobs.train.data import rank_windows, window_batches
 from jobs.train.losses import training_loss
 from jobs.train.memory import held_bytes
+from jobs.train.progress import TrainProgress
 from jobs.train.spec import WorkerSpec
 
 
@@ -106,7 +107,7 @@ def train_worker(spec_data: dict) -> list[dict]:
         next(batches)
     validation = validation_windows(spec)
     tokens_per_step = ray.train.get_context().get_world_size() * settings.micro_batch * settings.seq_len * accumulation
-    memory = None
+    memory, progress = None, TrainProgress()
     while step < settings.steps:
         started = time.perf_counter()
         parts = [micro_step(engine, teacher, next(batches), spec) for _ in range(accumulation)]
@@ -118,6 +119,7 @@ def train_worker(spec_data: dict) -> list[dict]:
         if step % settings.eval_every == 0 or step == settings.steps:
             metrics["val_ppl"] = evaluate(engine, validation, settings.micro_batch)
         history.append(metrics)
+        progress.record(metrics)
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             report_with_checkpoint(engine, metrics, {"step": step, "history": history, "restarts": restarts},
                                    model_dir(spec.student, Store(spec.store)))

@@ -46,6 +46,8 @@ def fit(spec: WorkerSpec, run_name: str, store: Store, address: str | None = Non
     """Train; the result's checkpoint is the last one, its return value rank 0's metric history."""
     connect(address, spec.train.workers * spec.train.cpus_per_worker)
     check_cluster_fits(spec)
+    # The dashboard's Train view lists a run (its workers, attempts, restarts) only with this on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     # Materialized before the workers take their CPUs; a prepared split is small (4 bytes a token).
     dataset = ray_dataset(open_dataset(spec.data, store), "train").materialize()
     settings = spec.train
