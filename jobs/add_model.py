@@ -76,7 +76,8 @@ def gguf_folder(model: KnownModel, scratch: Path) -> Path:
 
 
 def describe(artifact: Artifact) -> str:
-    return f"{artifact.name}: {human_bytes(artifact.num_bytes)}, {len(artifact.manifest['files'])} files at {artifact.uri}"
+    files = len(artifact.manifest["files"])
+    return f"{artifact.name}: {human_bytes(artifact.num_bytes)}, {files} files at {artifact.uri}"
 
 
 @reports_user_errors("rayfoundry models add")

@@ -160,3 +160,20 @@ def local_serve(num_cpus: float, worker_env: dict[str, str] | None = None, proce
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def hf_greedy_with_logprobs(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[tuple[list, list]]:
+    """transformers' greedy `generate` on each prompt alone: (tokens, logprob of each), the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            tokens = out.sequences[0, len(ids):].tolist()
+            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+            results.append((tokens, logprobs))
+    return results

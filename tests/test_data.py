@@ -54,7 +54,8 @@ def test_shakespeare_is_plain_text():
 
 
 def test_markdown_and_html_to_text():
-    assert markdown_play_to_text("## ACT I\n\n**LEAR**  \nNothing.  \n\n_Exit_\n") == "ACT I\n\nLEAR\nNothing.\n\nExit\n"
+    play = "## ACT I\n\n**LEAR**  \nNothing.  \n\n_Exit_\n"
+    assert markdown_play_to_text(play) == "ACT I\n\nLEAR\nNothing.\n\nExit\n"
     page = ("<html><head><title>t</title></head><body><ul class='docnav'><li>Prev</li><li>Next</li></ul>"
             "<h1>Title</h1><p>Some <b>bold</b>\n  text</p>"
             "<pre>a  b\nc</pre><script>x()</script></body></html>")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import RAYFOUNDRY, env_with_home, run
+from conftest import RAYFOUNDRY, env_with_home, hf_greedy_with_logprobs, run
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
@@ -34,16 +34,7 @@ def prompt_ids(smollm2_home, smollm2_dir, gemma3_dir):
 
 @pytest.fixture(scope="module")
 def expected(gemma3_dir, prompt_ids):
-    model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
-    results = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-            tokens = out.sequences[0, len(ids):].tolist()
-            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
-            results.append((tokens, logprobs))
-    return results
+    return hf_greedy_with_logprobs(gemma3_dir, prompt_ids, MAX_TOKENS)
 
 
 def test_gemma3_greedy_tokens_and_logprobs_equal_transformers(gemma3_dir, prompt_ids, expected):

@@ -2,9 +2,8 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
+from conftest import hf_greedy_with_logprobs
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
@@ -26,25 +25,16 @@ def prompt_ids(smollm2_home):
 
 @pytest.fixture(scope="module")
 def expected(smollm2_dir, prompt_ids):
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
-    results = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-            tokens = out.sequences[0, len(ids):].tolist()
-            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
-            results.append((tokens, logprobs))
-    return results
+    return hf_greedy_with_logprobs(smollm2_dir, prompt_ids, MAX_TOKENS)
 
 
 def test_greedy_tokens_and_logprobs_equal_transformers(smollm2_dir, prompt_ids, expected):
     engine = LLMEngine(smollm2_dir, EngineConfig(num_blocks=400, block_size=16, max_num_batched_tokens=256))
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
-    alone = [engine.generate([ids], params)[0] for ids in prompt_ids[:4]]
+    alone = [engine.generate([ids], params)[0] for ids in prompt_ids]  # each prompt by itself
     together = engine.generate(prompt_ids, params)  # chunked prefill, prefix hits, all batched
     assert engine.kv_cache.stats.hit_tokens > 0
-    for output, (tokens, logprobs) in zip(alone + together, expected[:4] + expected):
+    for output, (tokens, logprobs) in zip(alone + together, expected + expected):
         assert output.token_ids == tokens
         np.testing.assert_allclose([s.logprob for s in output.logprobs], logprobs, atol=1e-3)
     assert engine.kv_cache.num_free_blocks == 400

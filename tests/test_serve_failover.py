@@ -37,7 +37,8 @@ def _replica_pids() -> list[int]:
     import psutil
 
     title = f"ray::ServeReplica:{APP}:LLMServer:tiny"
-    return sorted(p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith(title))
+    processes = psutil.process_iter(["cmdline"])
+    return sorted(p.pid for p in processes if " ".join(p.info["cmdline"] or []).startswith(title))
 
 
 def _complete(base: str, prompt: str, max_tokens: int = 4) -> tuple[int, str]:

@@ -13,7 +13,6 @@ from torch import nn
 from jobs.compress.calibration import InputStats
 from jobs.compress.step import Step
 from kernels.fake_quant_linear import FakeQuantLinear
-from kernels.quant import QuantSpec
 from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 LAYERS = {8: Int8WeightOnlyLinear, 4: Int4WeightOnlyLinear}
