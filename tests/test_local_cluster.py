@@ -89,7 +89,9 @@ def test_qat_runs_as_a_ray_job_with_its_run_and_progress_in_the_dashboard(local_
     config.write_text(yaml.safe_dump({
         "model": str(tiny_llama_dir), "recipe": str(recipe), "out": "tiny.int4-qat-job", "force": True,
         "store": str(smollm2_home / "store"), "run_name": run_name, "eval_tokens": 512, "eval_window": 64,
-        "train": {"workers": 2, "steps": 30, "micro_batch": 2, "seq_len": 32, "eval_every": 10, "eval_tokens": 256,
+        # Half a CPU each: the cluster may already host a Serve replica on one of a 2-core machine's CPUs.
+        "train": {"workers": 2, "cpus_per_worker": 0.5, "steps": 30, "micro_batch": 2, "seq_len": 32,
+                  "eval_every": 10, "eval_tokens": 256,
                   "eval_window": 32, "checkpoint_every": 10}}))
     submitted = run([RAY, "job", "submit", "--no-wait", "--working-dir", ".", "--", "python", "-m", "jobs.qat",
                      "--config", str(config)], local_cluster, cwd=REPO, timeout=300)

@@ -24,7 +24,8 @@ class ZeroConfig(StrictConfig):
 
 class TrainConfig(StrictConfig):
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
-    cpus_per_worker: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each worker reserves; a fraction shares a "
+                                   "core (torch then runs one thread)")
     use_gpu: bool = False
     steps: int = Field(100, ge=1, description="optimizer steps")
     micro_batch: int = Field(2, ge=1, description="sequences per worker per forward")

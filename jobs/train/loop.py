@@ -92,7 +92,7 @@ def train_worker(spec_data: dict) -> list[dict]:
     """Ray Train's per-worker function; returns the metric history (rank 0's is the run's)."""
     spec = WorkerSpec.model_validate(spec_data)
     settings = spec.train
-    torch.set_num_threads(settings.cpus_per_worker)
+    torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
     torch.manual_seed(settings.seed)
     student, teacher = build_student(spec), load_teacher(spec)
     engine, *_ = deepspeed.initialize(model=student, config=settings.deepspeed_config(),

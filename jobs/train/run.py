@@ -1,6 +1,7 @@
 """Start a training run on Ray Train: checks that need the cluster, then TorchTrainer.fit."""
 from __future__ import annotations
 
+import math
 import os
 
 import ray
@@ -15,27 +16,36 @@ from jobs.train.loop import train_worker
 from jobs.train.spec import WorkerSpec
 
 
-def connect(address: str | None, cpus_needed: int) -> None:
+def connect(address: str | None, cpus_needed: float) -> None:
     """Join the cluster a `ray job submit` or `rayfoundry up` gave us, or start a private one."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as `rayfoundry up` runs it
     if address is None and "RAY_ADDRESS" not in os.environ:
         # Ray Data's read tasks need a CPU beside the workers' or they wait behind them forever.
-        ray.init(address="local", num_cpus=cpus_needed + 1, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=math.ceil(cpus_needed) + 1, include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)
 
 
+def cpus_needed(spec: WorkerSpec) -> float:
+    return spec.train.workers * spec.train.cpus_per_worker
+
+
 def check_cluster_fits(spec: WorkerSpec) -> None:
-    needed = spec.train.workers * spec.train.cpus_per_worker
-    have = int(ray.cluster_resources().get("CPU", 0))
+    """Refuse what can never be scheduled; say so when CPUs held by other work (Serve replicas,
+    other jobs) make the run wait, since Ray Train would otherwise wait without a word."""
+    needed, have = cpus_needed(spec), ray.cluster_resources().get("CPU", 0)
     if needed > have:
-        raise UserError(f"train.workers x train.cpus_per_worker = {needed} CPUs, but the cluster has {have}; "
-                        "use fewer workers or add nodes")
+        raise UserError(f"train.workers x train.cpus_per_worker = {needed:g} CPUs, but the cluster has {have:g}; "
+                        "use fewer workers, a fraction of a CPU each, or add nodes")
     if spec.train.use_gpu and ray.cluster_resources().get("GPU", 0) < spec.train.workers:
         raise UserError(f"train.use_gpu needs {spec.train.workers} GPUs; the cluster has "
                         f"{int(ray.cluster_resources().get('GPU', 0))}")
+    free = ray.available_resources().get("CPU", 0)
+    if needed > free:
+        print(f"note: the workers need {needed:g} CPUs and {free:g} of the cluster's {have:g} are free now; "
+              "training starts once other work releases them", flush=True)
 
 
 def runs_uri(store: Store) -> str:
@@ -44,7 +54,7 @@ def runs_uri(store: Store) -> str:
 
 def fit(spec: WorkerSpec, run_name: str, store: Store, address: str | None = None) -> ray.train.Result:
     """Train; the result's checkpoint is the last one, its return value rank 0's metric history."""
-    connect(address, spec.train.workers * spec.train.cpus_per_worker)
+    connect(address, cpus_needed(spec))
     check_cluster_fits(spec)
     # The dashboard's Train view lists a run (its workers, attempts, restarts) only with this on.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
