@@ -5,12 +5,18 @@ torch.utils.cpp_extension builds them with this machine's compiler for this mach
 loads the cached build in well under a second. If the build fails (no compiler, no ninja) the
 callers fall back to the torch reference, with one warning saying why.
 RAYFOUNDRY_NATIVE_KERNELS=0 turns them off.
+
+Processes that start together (a node's Serve replicas) build once: one builds under an OS file
+lock while the others wait for it, then load its build.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,16 +35,43 @@ def _build_name() -> str:
     return f"rayfoundry_cpu_ops_{digest.hexdigest()[:12]}"
 
 
+def _build_directory(name: str) -> Path:
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    return root / version / name
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Exclusive across processes, and released by the OS when its holder dies. torch's own lock
+    is a file that a build killed midway leaves behind, after which every build waits forever; under
+    this lock, that file can only be such a leftover, so it is removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "rayfoundry.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
+
+
 @functools.cache
 def native_ops():
     """The compiled module, or None when disabled or unbuildable."""
     if os.environ.get("RAYFOUNDRY_NATIVE_KERNELS", "1") == "0":
         return None
+    name = _build_name()
+    build_dir = _build_directory(name)
     try:
         from torch.utils.cpp_extension import load
 
-        return load(_build_name(), [str(s) for s in SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        with _build_lock(build_dir):
+            if not (build_dir / f"{name}.so").exists():
+                print(f"building rayfoundry's C++ CPU kernels into {build_dir} (once per machine, about a minute)",
+                      file=sys.stderr, flush=True)
+            return load(name, [str(s) for s in SOURCES], build_directory=str(build_dir),
+                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means "use the reference"
         warnings.warn(f"C++ CPU kernels unavailable, using the torch reference: {error}", stacklevel=2)
         return None
