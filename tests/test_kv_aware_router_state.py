@@ -22,6 +22,19 @@ def test_longest_cached_prefix_wins():
     assert sorted(decision.ranked) == ["r1", "r2", "r3"]
 
 
+def test_a_cached_prefix_waits_for_its_replica_before_spilling():
+    """Serve tries the tiers in order; a replica slow to answer its probe is skipped, so the
+    prefix's replica stands alone for a while, and a new prefix may go anywhere at once."""
+    state = KVAwareRouterState(seed=0)
+    state.report("r1", _hashes(SYSTEM_A))
+    state.report("r2", [])
+    hit = state.choose(_hashes(SYSTEM_A), {"r1": 0, "r2": 0})
+    assert hit.tiers(waited_s=0.0, patience_s=1.0) == [["r1"]]
+    assert hit.tiers(waited_s=1.5, patience_s=1.0) == [["r1"], ["r2"]]
+    miss = state.choose(_hashes(SYSTEM_B), {"r1": 0, "r2": 0})
+    assert miss.reason == "new_prefix" and miss.tiers(waited_s=0.0) == [["r2"], ["r1"]]
+
+
 def test_a_hit_needs_the_whole_prefix():
     state = KVAwareRouterState(seed=0)
     state.report("r1", _hashes(SYSTEM_B + SYSTEM_A)[4:])  # A's blocks, but after B: other hashes

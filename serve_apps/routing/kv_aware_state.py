@@ -33,6 +33,10 @@ from serve_apps.engine.block_hash import BlockHash
 # away from its cached prefix costs a whole prefill (and a second copy of the prefix): tolerate a
 # batch's worth of imbalance before spilling.
 DEFAULT_MAX_IMBALANCE = 16
+# Serve drops a replica from a routing attempt when its queue-length probe misses a deadline (0.1 s
+# at first, doubling each retry), which a replica whose CPU is busy can do while far from full. A
+# request whose prefix a replica caches waits this long for that replica before it may spill.
+DEFAULT_PREFIX_PATIENCE_S = 1.0
 
 
 @dataclass
@@ -40,6 +44,13 @@ class Decision:
     ranked: list[str]  # replica ids, most preferred first
     matched_blocks: int  # of the winner
     reason: str  # "prefix", "least_loaded" (imbalance), "new_prefix", "pow2" (no full block)
+
+    def tiers(self, waited_s: float, patience_s: float = DEFAULT_PREFIX_PATIENCE_S) -> list[list[str]]:
+        """The ranking as Serve's routing attempts take it: tier by tier. A cached prefix's replica
+        stands alone until the request has waited `patience_s`."""
+        if self.reason == "prefix" and waited_s < patience_s:
+            return [self.ranked[:1]]
+        return [[replica] for replica in self.ranked]
 
 
 @dataclass

@@ -12,6 +12,7 @@ Routers run in the caller's process (the ingress replica); async code here never
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 
 # Ray Serve LLM's prefix router is importable without vLLM from here.
@@ -98,7 +99,8 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
                                      {rid: self._in_flight[rid] for rid in by_id})
         self._metrics[names.ROUTER_DECISIONS.name].inc(
             tags={"model": self._model, "reason": decision.reason, "replica": decision.ranked[0]})
-        return [[by_id[rid]] for rid in decision.ranked]
+        waited_s = time.time() - pending_request.created_at if pending_request is not None else 0.0
+        return [[by_id[rid] for rid in tier] for tier in decision.tiers(waited_s)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
         replica, hashes = replica_id.unique_id, self._prompt_hashes(pending_request)
