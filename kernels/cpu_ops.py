@@ -7,7 +7,9 @@ callers fall back to the torch reference, with one warning saying why.
 RAYFOUNDRY_NATIVE_KERNELS=0 turns them off.
 
 Processes that start together (a node's Serve replicas) build once: one builds under an OS file
-lock while the others wait for it, then load its build.
+lock while the others wait for it, then load its build. The sources are compiled from a copy in the
+build directory, not from where this package happens to sit: Ray jobs and Serve apps run from a
+copy of the working directory each, and ninja rebuilds (minutes) whenever a source's path changes.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import fcntl
 import functools
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -56,6 +60,17 @@ def _build_lock(build_dir: Path):
         yield
 
 
+def _stable_sources(build_dir: Path) -> list[str]:
+    """csrc copied once into the build directory (the name's digest pins its content)."""
+    copy = build_dir / "csrc"
+    if not copy.is_dir():
+        staging = Path(tempfile.mkdtemp(dir=build_dir))
+        shutil.copytree(CSRC, staging / "csrc")
+        (staging / "csrc").rename(copy)
+        staging.rmdir()
+    return [str(copy / source.name) for source in SOURCES]
+
+
 @functools.cache
 def native_ops():
     """The compiled module, or None when disabled or unbuildable."""
@@ -70,7 +85,7 @@ def native_ops():
             if not (build_dir / f"{name}.so").exists():
                 print(f"building rayfoundry's C++ CPU kernels into {build_dir} (once per machine, about a minute)",
                       file=sys.stderr, flush=True)
-            return load(name, [str(s) for s in SOURCES], build_directory=str(build_dir),
+            return load(name, _stable_sources(build_dir), build_directory=str(build_dir),
                         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means "use the reference"
         warnings.warn(f"C++ CPU kernels unavailable, using the torch reference: {error}", stacklevel=2)
