@@ -11,6 +11,7 @@ from transformers import AutoConfig
 
 from kernels.compressed import is_compressed_checkpoint
 from kernels.cpu_linear import prepack_linears
+from kernels.cpu_ops import native_ops
 from kernels.memory import zeros_on_huge_pages
 from kernels.paged_attention import kv_cache_shapes
 from serve_apps.engine.models.compressed import install_compressed
@@ -81,6 +82,8 @@ class ModelRunner:
         k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, config.num_key_value_heads, head_dim)
         self.kv_caches = [(zeros_on_huge_pages(k_shape, dtype), zeros_on_huge_pages(v_shape, dtype))
                           for _ in range(config.num_hidden_layers)]
+        if next(model.parameters()).device.type == "cpu":
+            native_ops()  # build or load the C++ kernels now, while the replica starts, not in its first request
 
     def _prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]):
         """Flat inputs for the step, computed with whole-array operations: no Python per token."""
