@@ -49,6 +49,20 @@ def _build_directory(name: str) -> Path:
 
 
 @contextlib.contextmanager
+def _ninja_beside_python():
+    """torch runs the first `ninja` on PATH. Use the one installed beside this interpreter (a
+    dependency) wherever PATH points: ninja 1.11 and 1.13 hash their build logs differently, so two
+    processes finding different ninjas rebuild each other's build every time."""
+    ours, path = Path(sys.executable).parent, os.environ.get("PATH", "")
+    if (ours / "ninja").exists():
+        os.environ["PATH"] = f"{ours}{os.pathsep}{path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+@contextlib.contextmanager
 def _build_lock(build_dir: Path):
     """Exclusive across processes, and released by the OS when its holder dies. torch's own lock
     is a file that a build killed midway leaves behind, after which every build waits forever; under
@@ -81,7 +95,7 @@ def native_ops():
     try:
         from torch.utils.cpp_extension import load
 
-        with _build_lock(build_dir):
+        with _build_lock(build_dir), _ninja_beside_python():
             if not (build_dir / f"{name}.so").exists():
                 print(f"building rayfoundry's C++ CPU kernels into {build_dir} (once per machine, about a minute)",
                       file=sys.stderr, flush=True)
