@@ -49,7 +49,7 @@ class DistillConfig(StrictConfig):
     student: StudentConfig
     data: str = "shakespeare"
     out: str = Field(description="model store name or URI of the distilled student")
-    force: bool = False
+    force: bool = Field(False, description="replace an existing `out` and start the training runs afresh")
     loss: LossConfig = Field(default_factory=lambda: LossConfig(alpha=0.5, temperature=2.0))
     baseline: bool = Field(True, description="also train the student on cross-entropy alone, same steps")
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -109,7 +109,7 @@ def run(config: DistillConfig) -> dict:
     spec = WorkerSpec(student=student, teacher=config.teacher, loss=config.loss, train=config.train,
                       data=config.data, store=config.store)
     curves, summary = {}, {"student": student}
-    result = fit(spec, run_name, store, config.ray_address)
+    result = fit(spec, run_name, store, config.ray_address, fresh=config.force)
     curves["distilled"] = result.return_value or []
     scratch = scratch_dir()
     try:
@@ -121,7 +121,8 @@ def run(config: DistillConfig) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     if config.baseline:
         plain = spec.model_copy(update={"teacher": None, "loss": LossConfig()})
-        curves["cross-entropy only"] = fit(plain, f"{run_name}-ce", store, config.ray_address).return_value or []
+        curves["cross-entropy only"] = fit(plain, f"{run_name}-ce", store, config.ray_address,
+                                                fresh=config.force).return_value or []
     for label, history in curves.items():
         evals = [h["val_ppl"] for h in history if "val_ppl" in h]
         summary[f"final_val_ppl_{label.replace(' ', '_').replace('-', '_')}"] = evals[-1] if evals else None

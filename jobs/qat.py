@@ -45,7 +45,7 @@ class QATConfig(StrictConfig):
     recipe: str = Field(description="compression recipe YAML whose steps (rtn, dynamic w8a8) QAT trains for")
     data: str = "shakespeare"
     out: str = Field(description="model store name or URI of the quantized checkpoint")
-    force: bool = Field(False, description="replace an existing `out`")
+    force: bool = Field(False, description="replace an existing `out` and start the training run afresh")
     distill: LossConfig = Field(default_factory=LossConfig,
                                 description="alpha > 0 distills from the unquantized model")
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -114,7 +114,7 @@ def run(config: QATConfig) -> dict:
                       qat_recipe=recipe.model_dump(mode="json"), loss=config.distill, train=config.train,
                       data=config.data, store=config.store)
     run_name = config.run_name or f"qat-{Path(config.out).name}"
-    result = fit(spec, run_name, store, config.ray_address)
+    result = fit(spec, run_name, store, config.ray_address, fresh=config.force)
     scratch = scratch_dir()
     try:
         summary = evaluate_and_convert(config, recipe, source, model_folder(result.checkpoint, scratch), store)

@@ -1,15 +1,17 @@
 """Start a training run on Ray Train: checks that need the cluster, then TorchTrainer.fit."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from cluster.errors import UserError
-from cluster.store import Store
+from cluster.store import Store, write_bytes_atomic
 from jobs.data.shards import ray_dataset
 from jobs.eval_ppl import open_dataset
 from jobs.train.loop import train_worker
@@ -52,10 +54,48 @@ def runs_uri(store: Store) -> str:
     return f"{store.uri.rstrip('/')}/runs"
 
 
-def fit(spec: WorkerSpec, run_name: str, store: Store, address: str | None = None) -> ray.train.Result:
-    """Train; the result's checkpoint is the last one, its return value rank 0's metric history."""
+SPEC_FILE = "rayfoundry-spec.json"
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two specs."""
+    names = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def claim_run(spec: WorkerSpec, run_name: str, store: Store, fresh: bool = False) -> None:
+    """Ray Train resumes a run whose name it finds in storage from its latest checkpoint. Allow that
+    only for the same spec: a run resumed under other settings would report the old run's model as
+    the new one's. `fresh`: delete what the store holds of the run and start again."""
+    run_dir = f"{store.root}/runs/{run_name}"
+    exists = store.fs.get_file_info(run_dir).type != pafs.FileType.NotFound
+    if exists and fresh:
+        store.fs.delete_dir(run_dir)
+    elif exists:
+        spec_path = f"{run_dir}/{SPEC_FILE}"
+        found = store.fs.get_file_info(spec_path).type != pafs.FileType.NotFound
+        saved = json.loads(store.fs.open_input_stream(spec_path).readall()) if found else None
+        wanted = spec.model_dump(mode="json")
+        if saved != wanted:
+            what = f"other settings ({', '.join(_differences(saved, wanted))})" if saved else "unknown settings"
+            raise UserError(f"run {run_name!r} in the store was started with {what} and would resume from its "
+                            "checkpoints; give another run_name, or force: true to start it afresh")
+    write_bytes_atomic(store.fs, f"{run_dir}/{SPEC_FILE}", json.dumps(spec.model_dump(mode="json")).encode())
+
+
+def fit(spec: WorkerSpec, run_name: str, store: Store, address: str | None = None,
+        fresh: bool = False) -> ray.train.Result:
+    """Train, resuming the run if the store holds it under the same spec (`fresh`: start it again);
+    the result's checkpoint is the last one, its return value rank 0's metric history."""
     connect(address, cpus_needed(spec))
     check_cluster_fits(spec)
+    claim_run(spec, run_name, store, fresh)
     # The dashboard's Train view lists a run (its workers, attempts, restarts) only with this on.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     # Materialized before the workers take their CPUs; a prepared split is small (4 bytes a token).
