@@ -4,6 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import hf_greedy_with_logprobs
+from kernels.cpu_linear import FEW_ROWS_PATHS, FEWEST_PACKED_ROWS, PrepackedLinear
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
@@ -38,6 +39,20 @@ def test_greedy_tokens_and_logprobs_equal_transformers(smollm2_dir, prompt_ids, 
         assert output.token_ids == tokens
         np.testing.assert_allclose([s.logprob for s in output.logprobs], logprobs, atol=1e-3)
     assert engine.kv_cache.num_free_blocks == 400
+
+
+@pytest.mark.parametrize("path", FEW_ROWS_PATHS)
+def test_every_batch_1_linear_path_gives_transformers_tokens(smollm2_dir, prompt_ids, expected, path):
+    """Which path carries a single row is timed at load and differs between machines: each must be exact."""
+    engine = LLMEngine(smollm2_dir, EngineConfig(num_blocks=200, block_size=16))
+    for layer in engine.model.modules():
+        if isinstance(layer, PrepackedLinear):
+            layer.few_rows_path, layer.fewest_packed_rows = path, 1 if path == "packed" else FEWEST_PACKED_ROWS
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    for i in range(0, len(prompt_ids), 4):  # five of the twenty, 5 to 700 tokens
+        output = engine.generate([prompt_ids[i]], params)[0]
+        assert output.token_ids == expected[i][0], f"prompt {i} ({len(prompt_ids[i])} tokens)"
+        np.testing.assert_allclose([s.logprob for s in output.logprobs], expected[i][1], atol=1e-3)
 
 
 def test_staggered_arrivals_under_forced_preemption_equal_transformers(smollm2_dir, prompt_ids, expected):

@@ -14,6 +14,7 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor argmax_rows(torch::Tensor logits);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales);
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales);
+torch::Tensor float32_linear(torch::Tensor x, torch::Tensor weight);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "attention over a paged KV cache, one query row at a time (float32, CPU)");
@@ -26,4 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32, CPU)");
   m.def("int8_linear", &int8_linear, "x @ (int8 codes * group scales)^T, for few rows (float32, CPU)");
   m.def("int4_linear", &int4_linear, "x @ (packed int4 codes * group scales)^T, for few rows (float32, CPU)");
+  m.def("float32_linear", &float32_linear, "x @ weight^T streaming the weight, for few rows (float32, CPU)");
 }

@@ -1,11 +1,12 @@
-// Weight-only quantized linears for decode-sized batches: y = x @ dequant(W)^T, W as int8 codes
-// or signed int4 codes two per byte (low nibble first, kernels/quant.py:pack_int4), with one
-// float scale per (output row, group of inputs). At a few rows of x the product is bound by
-// reading W; reading a quarter (int8) or an eighth (int4) of fp32's bytes and widening codes in
-// registers is what makes it faster. A tile of 4 output rows x up to 4 rows of x keeps 16
-// independent accumulators in registers: each widened code vector is used up to 4 times and the
-// FMAs do not wait on each other. float32, CPU; AVX-512 where the compiler targets it, a
-// portable loop elsewhere and for tails.
+// Linears for decode-sized batches, y = x @ W^T with W as int8 codes, as signed int4 codes two per
+// byte (low nibble first, kernels/quant.py:pack_int4) -- both with one float scale per (output row,
+// group of inputs) -- or as plain float32. At a few rows of x the product is bound by reading W:
+// reading a quarter (int8) or an eighth (int4) of fp32's bytes and widening codes in registers is
+// what makes the quantized ones faster, and prefetching W's next rows ahead is what lets float32
+// keep up with memory. A tile of 4 output rows x up to 4 rows of x keeps 16 independent
+// accumulators in registers: each weight vector is used up to 4 times and the FMAs do not wait on
+// each other. float32, CPU; AVX-512 where the compiler targets it, a portable loop elsewhere and
+// for tails.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -19,9 +20,11 @@ constexpr int64_t kTileN = 4;  // output rows per tile
 constexpr int64_t kTileM = 4;  // rows of x per tile
 constexpr int64_t kAhead = 2 * kTileN;  // codes prefetched this many output rows ahead
 
+// Each format says how many of its storage units hold k codes (`units`), and how often to prefetch.
 struct Int8Codes {
   using Byte = int8_t;
-  static int64_t row_bytes(int64_t in) { return in; }
+  static constexpr int64_t kPrefetchEvery = 64;  // codes: one cache line
+  static int64_t units(int64_t codes) { return codes; }
   static float code(const Byte* row, int64_t k) { return static_cast<float>(row[k]); }
 #if defined(__AVX512F__)
   static __m512 widen16(const Byte* row, int64_t k) {  // codes k..k+15 as floats
@@ -32,7 +35,8 @@ struct Int8Codes {
 
 struct Int4Codes {
   using Byte = uint8_t;
-  static int64_t row_bytes(int64_t in) { return in / 2; }
+  static constexpr int64_t kPrefetchEvery = 64;  // codes: half a line, as measured for int8
+  static int64_t units(int64_t codes) { return codes / 2; }
   static float code(const Byte* row, int64_t k) {
     const int nibble = (k & 1) ? (row[k >> 1] >> 4) : (row[k >> 1] & 0xF);
     return static_cast<float>(nibble >= 8 ? nibble - 16 : nibble);
@@ -48,16 +52,27 @@ struct Int4Codes {
 #endif
 };
 
+struct Float32Codes {  // not codes at all: the weight itself, with no scales
+  using Byte = float;
+  static constexpr int64_t kPrefetchEvery = 16;  // floats: one cache line
+  static int64_t units(int64_t codes) { return codes; }
+  static float code(const Byte* row, int64_t k) { return row[k]; }
+#if defined(__AVX512F__)
+  static __m512 widen16(const Byte* row, int64_t k) { return _mm512_loadu_ps(row + k); }
+#endif
+};
+
 template <class Codes>
 struct Problem {
   const float* x;
   int64_t x_stride;
   const typename Codes::Byte* codes;
-  const float* scales;
+  const float* scales;  // [out, groups]; null: no scales (float32 weights)
   float* y;
   int64_t rows, in, out, groups, group;
 
-  const typename Codes::Byte* row(int64_t n) const { return codes + n * Codes::row_bytes(in); }
+  const typename Codes::Byte* row(int64_t n) const { return codes + n * Codes::units(in); }
+  float scale(int64_t n, int64_t g) const { return scales ? scales[n * groups + g] : 1.f; }
 };
 
 // One output element, any shape: the path for tails and builds without AVX-512.
@@ -69,7 +84,7 @@ float dot_scaled(const Problem<Codes>& p, int64_t n, int64_t m) {
   for (int64_t g = 0; g < p.groups; ++g) {
     float acc = 0.f;
     for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) acc += xm[k] * Codes::code(w, k);
-    total += acc * p.scales[n * p.groups + g];
+    total += acc * p.scale(n, g);
   }
   return total;
 }
@@ -85,13 +100,13 @@ void tile(const Problem<Codes>& p, int64_t n, int64_t m) {
     for (int j = 0; j < MB; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     __m512 scale[kTileN];
-    for (int i = 0; i < kTileN; ++i) scale[i] = _mm512_set1_ps(p.scales[(n + i) * p.groups + g]);
+    for (int i = 0; i < kTileN; ++i) scale[i] = _mm512_set1_ps(p.scale(n + i, g));
     for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 16) {
-      // Later tiles' rows follow these in memory: ask for them now, a line per row every 64
-      // codes, so the stream of codes keeps arriving while this tile computes (1.5x at 1 row).
-      if ((k & 63) == 0 && n + kAhead + kTileN <= p.out)
+      // Later tiles' rows follow these in memory: ask for them now, a line per row every
+      // kPrefetchEvery codes, so the stream keeps arriving while this tile computes (1.5x at 1 row).
+      if (k % Codes::kPrefetchEvery == 0 && n + kAhead + kTileN <= p.out)
         for (int i = 0; i < kTileN; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(p.row(n + kAhead + i)) + Codes::row_bytes(k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.row(n + kAhead + i) + Codes::units(k)), _MM_HINT_T0);
       __m512 xv[MB];
       for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_ps(p.x + (m + j) * p.x_stride + k);
       for (int i = 0; i < kTileN; ++i) {
@@ -102,7 +117,7 @@ void tile(const Problem<Codes>& p, int64_t n, int64_t m) {
     }
   }
   for (int i = 0; i < kTileN; ++i) {
-    const float scale = kPerRow ? p.scales[n + i] : 1.f;
+    const float scale = kPerRow ? p.scale(n + i, 0) : 1.f;
     for (int j = 0; j < MB; ++j) p.y[(m + j) * p.out + n + i] = _mm512_reduce_add_ps(acc[i][j]) * scale;
   }
 }
@@ -138,24 +153,33 @@ void output_rows(const Problem<Codes>& p, int64_t begin, int64_t end) {
 }
 
 template <class Codes>
-torch::Tensor weight_only_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales) {
+torch::Tensor run(const Problem<Codes>& p, torch::Tensor y) {
+  // Whole tiles of output rows per thread, so only the last range has a tail.
+  at::parallel_for(0, (p.out + kTileN - 1) / kTileN, 8, [&](int64_t begin, int64_t end) {
+    output_rows(p, begin * kTileN, std::min(p.out, end * kTileN));
+  });
+  return y;
+}
+
+void check_x(const torch::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
               "x must be float32 [rows, in] with contiguous rows");
+}
+
+template <class Codes>
+torch::Tensor weight_only_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales) {
+  check_x(x);
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.dim() == 2 && scales.is_contiguous(),
               "scales must be contiguous float32 [out, groups]");
   const int64_t rows = x.size(0), in = x.size(1), out = codes.size(0), groups = scales.size(1);
-  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.size(1) == Codes::row_bytes(in),
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.size(1) == Codes::units(in),
               "codes must be contiguous [out, bytes per row of ", in, " inputs]");
   TORCH_CHECK(scales.size(0) == out && groups > 0 && in % groups == 0 && (in / groups) % 2 == 0,
               "scales must be [out, groups] with groups of an even length dividing ", in);
   auto y = torch::empty({rows, out}, x.options());
   const Problem<Codes> p{x.data_ptr<float>(), x.stride(0), static_cast<const typename Codes::Byte*>(codes.data_ptr()),
                          scales.data_ptr<float>(), y.data_ptr<float>(), rows, in, out, groups, in / groups};
-  // Whole tiles of output rows per thread, so only the last range has a tail.
-  at::parallel_for(0, (out + kTileN - 1) / kTileN, 8, [&](int64_t begin, int64_t end) {
-    output_rows(p, begin * kTileN, std::min(out, end * kTileN));
-  });
-  return y;
+  return run(p, y);
 }
 
 }  // namespace
@@ -168,4 +192,16 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales) {
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed int4 codes must be uint8");
   return weight_only_linear<Int4Codes>(x, packed, scales);
+}
+
+torch::Tensor float32_linear(torch::Tensor x, torch::Tensor weight) {
+  check_x(x);
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.dim() == 2 && weight.is_contiguous() &&
+                  weight.size(1) == x.size(1),
+              "weight must be contiguous float32 [out, ", x.size(1), "]");
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  auto y = torch::empty({rows, out}, x.options());
+  const Problem<Float32Codes> p{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), nullptr,
+                                y.data_ptr<float>(), rows, in, out, 1, in};
+  return run(p, y);
 }
