@@ -50,7 +50,7 @@ class DistillConfig(StrictConfig):
     data: str = "shakespeare"
     out: str = Field(description="model store name or URI of the distilled student")
     force: bool = Field(False, description="replace an existing `out` and start the training runs afresh")
-    loss: LossConfig = Field(default_factory=lambda: LossConfig(alpha=0.5, temperature=2.0))
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(alpha=0.5, temperature=1.0))
     baseline: bool = Field(True, description="also train the student on cross-entropy alone, same steps")
     train: TrainConfig = Field(default_factory=TrainConfig)
     run_name: str | None = None
