@@ -7,9 +7,10 @@ makes those matmuls 1.2-1.6x faster on this project's 2-core reference machine. 
 which path wins depends on the CPU: MKL's gemv on the plain weight beat oneDNN on one Intel
 machine and lost by 1.7-2.5x on an AMD EPYC (MKL does not pick its fast code there), and our own
 kernel (kernels/csrc/weight_only_linear_cpu.cpp, float32 with prefetching ahead) beats both on
-that EPYC (batch-1 decode of SmolLM2 1.23x the packed path's, median of 4 paired runs). `prepack_linears` therefore times one pass over the model's own layers every way and
-routes rows below `fewest_packed_rows` to the fastest: the price is a second copy of every
-linear weight in memory.
+that EPYC (batch-1 decode of SmolLM2 1.23x the packed path's, median of 4 paired runs).
+`prepack_linears` therefore times one pass over the model's own layers every way and routes rows
+below `fewest_packed_rows` to the fastest: the price is a second copy of every linear weight in
+memory.
 """
 from __future__ import annotations
 
@@ -41,14 +42,22 @@ class PrepackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACKED_FOR_ROWS),
                              persistent=False)
-        self.fewest_packed_rows = FEWEST_PACKED_ROWS
-        self.few_rows_path = "plain"
+        self.route_few_rows("plain")
+
+    def route_few_rows(self, path: str, fewest_packed_rows: int | None = None) -> None:
+        """Send products of fewer than `fewest_packed_rows` rows (default: 1 for "packed", which
+        then takes every row count, else FEWEST_PACKED_ROWS) down `path`, one of FEW_ROWS_PATHS."""
+        if path not in FEW_ROWS_PATHS:
+            raise ValueError(f"few-rows path {path!r}: choose one of {', '.join(FEW_ROWS_PATHS)}")
+        self.few_rows_path = path
+        self.fewest_packed_rows = fewest_packed_rows or (1 if path == "packed" else FEWEST_PACKED_ROWS)
+        self._few_rows_forward = getattr(self, f"{path}_forward")  # looked up once, not per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows >= self.fewest_packed_rows:
             return self.packed_forward(x)
-        return getattr(self, f"{self.few_rows_path}_forward")(x)
+        return self._few_rows_forward(x)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -93,8 +102,7 @@ def choose_single_row_path(layers: list[PrepackedLinear]) -> str:
     paths = [p for p in FEW_ROWS_PATHS if p != "streamed" or all(layer.can_stream() for layer in layers)]
     fastest = min(paths, key=lambda path: _one_pass_seconds(layers, inputs, path))
     for layer in layers:
-        layer.few_rows_path = fastest
-        layer.fewest_packed_rows = 1 if fastest == "packed" else FEWEST_PACKED_ROWS
+        layer.route_few_rows(fastest)
     return fastest
 
 

@@ -38,8 +38,7 @@ def test_every_few_rows_path_gives_the_same_product(path, bias):
     torch.manual_seed(0)
     linear = nn.Linear(160, 97, bias=bias)  # 97 outputs: a tail after whole tiles of 4
     packed = PrepackedLinear(linear)
-    packed.few_rows_path = path
-    packed.fewest_packed_rows = 9
+    packed.route_few_rows(path, fewest_packed_rows=9)
     with torch.inference_mode():
         for rows in range(1, 9):  # whole and partial tiles of 4 rows
             x = torch.randn(rows, 160)

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import hf_greedy_with_logprobs
-from kernels.cpu_linear import FEW_ROWS_PATHS, FEWEST_PACKED_ROWS, PrepackedLinear
+from kernels.cpu_linear import FEW_ROWS_PATHS, PrepackedLinear
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
@@ -47,7 +47,7 @@ def test_every_batch_1_linear_path_gives_transformers_tokens(smollm2_dir, prompt
     engine = LLMEngine(smollm2_dir, EngineConfig(num_blocks=200, block_size=16))
     for layer in engine.model.modules():
         if isinstance(layer, PrepackedLinear):
-            layer.few_rows_path, layer.fewest_packed_rows = path, 1 if path == "packed" else FEWEST_PACKED_ROWS
+            layer.route_few_rows(path)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
     for i in range(0, len(prompt_ids), 4):  # five of the twenty, 5 to 700 tokens
         output = engine.generate([prompt_ids[i]], params)[0]
