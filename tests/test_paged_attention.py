@@ -85,7 +85,9 @@ def test_native_decode_kernel_rejects_other_dtypes():
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim, block_size", [
-    (9, 3, 64, 16),   # SmolLM2, the specialized kernel
+    (9, 3, 64, 16),   # SmolLM2: tiles of 2 rows x 3 heads (AVX2), 4 x 3 (AVX-512)
+    (4, 4, 64, 16),   # one head per KV head: tiles of several rows
+    (8, 1, 128, 16),  # 8 heads per KV head: more than a tile holds on AVX2
     (4, 2, 8, 4),     # the general kernel
 ])
 @pytest.mark.parametrize("window", [None, 20])

@@ -13,6 +13,8 @@
 #include "vec16.h"
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cmath>
 #include <vector>
 
@@ -106,117 +108,169 @@ void attend(const float* query, const float* k_cache, const float* v_cache, cons
   std::copy(acc.begin(), acc.end(), out + kv_head * group * dim);
 }
 
-// ---- The fast path: 16-token blocks, head_dim 64, 128 or 256, up to 8 query heads per KV head.
-// 16 floats are one vector (vec16.h). With the group size G and head_dim / 16 (C) known at compile time, a block's G score vectors and the
-// G x C output accumulators stay in registers: each key row and value row is loaded once and
-// used G times, and no accumulator goes back to memory until the sequence is done.
-template <int G, int C>
-void attend16(const float* query, const float* k_cache, const float* v_cache, const int64_t* block_table,
-              int64_t first, int64_t context_len, int64_t kv_head, const Shape& s, float scale, float* out) {
-  constexpr int64_t dim = C * kLanes;
-  const int64_t first_block = first / kLanes, num_blocks = (context_len + kLanes - 1) / kLanes;
-  const int64_t head_offset = kv_head * s.head_stride();
-  const int64_t row = (num_blocks - first_block) * kLanes;  // scores kept from the first block's start
-  thread_local std::vector<float> score_rows;
-  score_rows.resize(G * row);
-  float* scores = score_rows.data();
-  float q[G][dim];
-  const float* query_heads = query + kv_head * G * dim;
-  for (int h = 0; h < G; ++h)
-    for (int64_t d = 0; d < dim; ++d) q[h][d] = query_heads[h * dim + d] * scale;
-  // Position p of block b is lane p - 16 b; lanes outside [first, context_len) take no weight.
-  auto outside = [&](int64_t b, int64_t t) { return b * kLanes + t < first || b * kLanes + t >= context_len; };
+// ---- The fast path: 16-token blocks and head_dim a multiple of 16, for a tile of query vectors:
+// the query heads sharing one KV head, for one row (a decode) or a few consecutive rows of one
+// sequence (a prefill chunk), so each key and value row is read from memory once for all of them.
+// 16 floats are one vector (vec16.h). A block's keys are stored transposed, [dim][16]: its scores
+// for NQ query vectors are NQ accumulators of dim multiply-adds, no reductions. kMaxQueries is how
+// many such accumulators fit in registers beside a key row and a broadcast: 16 AVX2 registers hold
+// 6 of them (two registers each), 32 AVX-512 registers 12; more would spill on every multiply-add.
+#if defined(__AVX512F__)
+constexpr int kMaxQueries = 12;
+#else
+constexpr int kMaxQueries = 6;
+#endif
 
-  // Scores: a block's keys are stored transposed, [dim][16], so row d holds feature d of 16 tokens.
-  Vec16 top[G];
-  for (int h = 0; h < G; ++h) top[h] = Vec16{} - INFINITY;
-  for (int64_t b = first_block; b < num_blocks; ++b) {
-    const float* keys = k_cache + block_table[b] * s.block_stride() + head_offset;
-    if (b + 1 < num_blocks) prefetch(k_cache + block_table[b + 1] * s.block_stride() + head_offset, dim * kLanes);
-    // Two partial sums per head (even and odd features): twice the independent FMA chains.
-    Vec16 even[G] = {}, odd[G] = {};
-    for (int64_t d = 0; d < dim; d += 2) {
-      const Vec16 k0 = load16(keys + d * kLanes), k1 = load16(keys + (d + 1) * kLanes);
-      for (int h = 0; h < G; ++h) {
-        even[h] += q[h][d] * k0;
-        odd[h] += q[h][d + 1] * k1;
+constexpr int64_t kKeysAhead = 2;  // blocks
+
+struct QueryVec {
+  const float* q;
+  float* out;
+  int64_t first, visible;  // the cached positions [first, visible) it attends to
+};
+
+// Scores of NQ query vectors q [NQ][dim] against the keys of P blocks ([dim][16] each): NQ * P
+// independent sums, so the multiply-adds do not wait on each other's results.
+template <int NQ, int P>
+inline void score_blocks(const float* q, const float* const (&keys)[P], int64_t dim, Vec16 (&score)[P][NQ]) {
+  Vec16 acc[P][NQ] = {};
+  for (int64_t d = 0; d < dim; ++d)
+    for (int p = 0; p < P; ++p) {
+      const Vec16 k = load16(keys[p] + d * kLanes);
+      for (int i = 0; i < NQ; ++i) acc[p][i] += q[i * dim + d] * k;
+    }
+  for (int p = 0; p < P; ++p)
+    for (int i = 0; i < NQ; ++i) score[p][i] = acc[p][i];
+}
+
+// acc[i][c..c + 16 C) += sum over rows t of one block's values of weights[i][t] * value[t][c..]: C
+// column slices of 16 at once, NQ * C independent sums.
+template <int NQ, int C>
+inline void accumulate_values(const float* values, const float* weights, int64_t weights_stride, int64_t begin,
+                              int64_t end, int64_t dim, int64_t c, float* acc) {
+  Vec16 sum[C][NQ];
+  for (int j = 0; j < C; ++j)
+    for (int i = 0; i < NQ; ++i) sum[j][i] = load16(acc + i * dim + c + j * kLanes);
+  for (int64_t t = begin; t < end; ++t)
+    for (int j = 0; j < C; ++j) {
+      const Vec16 v = load16(values + t * dim + c + j * kLanes);
+      for (int i = 0; i < NQ; ++i) sum[j][i] += weights[i * weights_stride + t] * v;
+    }
+  for (int j = 0; j < C; ++j)
+    for (int i = 0; i < NQ; ++i) store16(acc + i * dim + c + j * kLanes, sum[j][i]);
+}
+
+template <int NQ>
+void attend_tile(const QueryVec* qs, const float* k_cache, const float* v_cache, const int64_t* block_table,
+                 int64_t kv_head, const Shape& s, float scale) {
+  // Few query vectors leave registers for two blocks (or column slices) at a time.
+  constexpr int P = 2 * NQ <= kMaxQueries ? 2 : 1;
+  const int64_t dim = s.head_dim, head_offset = kv_head * s.head_stride();
+  int64_t lo = qs[0].first, hi = qs[0].visible;
+  for (int i = 1; i < NQ; ++i) lo = std::min(lo, qs[i].first), hi = std::max(hi, qs[i].visible);
+  const int64_t b0 = lo / kLanes, b1 = (hi + kLanes - 1) / kLanes, len = (b1 - b0) * kLanes;
+  thread_local std::vector<float> scratch;
+  scratch.resize(NQ * (dim + dim + len));
+  float *q = scratch.data(), *acc = q + NQ * dim, *scores = acc + NQ * dim;
+  for (int i = 0; i < NQ; ++i)
+    for (int64_t d = 0; d < dim; ++d) q[i * dim + d] = qs[i].q[d] * scale;
+  auto block = [&](const float* cache, int64_t b) { return cache + block_table[b] * s.block_stride() + head_offset; };
+
+  // Scores; positions a query vector may not see get -inf. Blocks are scattered, so the
+  // hardware cannot see the next one coming: keys are asked for kKeysAhead blocks ahead.
+  auto keep = [&](int64_t b, Vec16* score) {
+    const Vec16 position = iota16() + static_cast<float>(b * kLanes);
+    for (int i = 0; i < NQ; ++i) {
+      if (b * kLanes < qs[i].first || (b + 1) * kLanes > qs[i].visible) {
+        const Mask16 outside = (position < splat16(qs[i].first)) | (position >= splat16(qs[i].visible));
+        score[i] = select(outside, splat16(-INFINITY), score[i]);
       }
+      store16(scores + i * len + (b - b0) * kLanes, score[i]);
     }
-    Vec16 score[G];
-    for (int h = 0; h < G; ++h) score[h] = even[h] + odd[h];
-    if (b == first_block || b == num_blocks - 1)
-      for (int64_t t = 0; t < kLanes; ++t)
-        if (outside(b, t))
-          for (int h = 0; h < G; ++h) score[h][t] = -INFINITY;
-    for (int h = 0; h < G; ++h) {
-      store16(scores + h * row + (b - first_block) * kLanes, score[h]);
-      top[h] = top[h] > score[h] ? top[h] : score[h];
+  };
+  for (int64_t b = b0; b < std::min(b0 + kKeysAhead, b1); ++b) prefetch(block(k_cache, b), dim * kLanes);
+  int64_t b = b0;
+  for (; b + P <= b1; b += P) {
+    const float* keys[P];
+    for (int p = 0; p < P; ++p) {
+      keys[p] = block(k_cache, b + p);
+      if (b + p + kKeysAhead < b1) prefetch(block(k_cache, b + p + kKeysAhead), dim * kLanes);
     }
+    Vec16 score[P][NQ];
+    score_blocks<NQ, P>(q, keys, dim, score);
+    for (int p = 0; p < P; ++p) keep(b + p, score[p]);
   }
-  // Softmax weights, unnormalized (the sum divides once at the end).
-  float total[G];
-  for (int h = 0; h < G; ++h) {
-    const float m = max16(top[h]);
+  for (; b < b1; ++b) {
+    const float* keys[1] = {block(k_cache, b)};
+    Vec16 score[1][NQ];
+    score_blocks<NQ, 1>(q, keys, dim, score);
+    keep(b, score[0]);
+  }
+  // Softmax weights, unnormalized (the sum divides once at the end); -inf scores weigh 0.
+  float inv_total[NQ];
+  for (int i = 0; i < NQ; ++i) {
+    float* p = scores + i * len;
+    Vec16 top = load16(p);
+    for (int64_t t = kLanes; t < len; t += kLanes) top = max16(top, load16(p + t));
+    const float m = lane_max(top);
     Vec16 sum = {};
-    for (int64_t b = first_block; b < num_blocks; ++b) {
-      float* p = scores + h * row + (b - first_block) * kLanes;
-      Vec16 w = exp16(load16(p) - m);
-      if (b == first_block || b == num_blocks - 1)
-        for (int64_t t = 0; t < kLanes; ++t)
-          if (outside(b, t)) w[t] = 0.f;
-      store16(p, w);
+    for (int64_t t = 0; t < len; t += kLanes) {
+      const Vec16 x = load16(p + t);
+      const Vec16 w = select(x == splat16(-INFINITY), Vec16{}, exp16(x - m));  // exp16 clamps: -inf gives 1e-38
+      store16(p + t, w);
       sum += w;
     }
-    total[h] = sum16(sum);
+    inv_total[i] = 1.f / lane_sum(sum);
   }
-  // Values: out[h] = sum_t weight[h][t] * value[t], a block's values row by row.
-  Vec16 acc[G][C] = {};
-  for (int64_t b = first_block; b < num_blocks; ++b) {
-    const float* values = v_cache + block_table[b] * s.block_stride() + head_offset;
-    if (b + 1 < num_blocks) prefetch(v_cache + block_table[b + 1] * s.block_stride() + head_offset, dim * kLanes);
-    const int64_t begin = std::max<int64_t>(0, first - b * kLanes);
-    const int64_t count = std::min(kLanes, context_len - b * kLanes);
-    const float* weights = scores + (b - first_block) * kLanes;
-    for (int64_t t = begin; t < count; ++t) {
-      const float* v = values + t * dim;
-      for (int c = 0; c < C; ++c) {
-        const Vec16 value = load16(v + c * kLanes);
-        for (int h = 0; h < G; ++h) acc[h][c] += weights[h * row + t] * value;
-      }
-    }
+  // Values: out[i] = sum_t weight[i][t] * value[t]. A block's value rows are read once, a
+  // column slice at a time, into NQ accumulators kept in this thread's scratch.
+  std::fill(acc, acc + NQ * dim, 0.f);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* values = block(v_cache, b);
+    if (b + 1 < b1) prefetch(block(v_cache, b + 1), dim * kLanes);
+    const int64_t begin = std::max<int64_t>(0, lo - b * kLanes), end = std::min(kLanes, hi - b * kLanes);
+    const float* weights = scores + (b - b0) * kLanes;
+    int64_t c = 0;
+    for (; c + P * kLanes <= dim; c += P * kLanes)
+      accumulate_values<NQ, P>(values, weights, len, begin, end, dim, c, acc);
+    for (; c < dim; c += kLanes) accumulate_values<NQ, 1>(values, weights, len, begin, end, dim, c, acc);
   }
-  float* out_heads = out + kv_head * G * dim;
-  for (int h = 0; h < G; ++h)
-    for (int c = 0; c < C; ++c) store16(out_heads + h * dim + c * kLanes, acc[h][c] * (1.f / total[h]));
+  for (int i = 0; i < NQ; ++i)
+    for (int64_t d = 0; d < dim; d += kLanes) store16(qs[i].out + d, load16(acc + i * dim + d) * inv_total[i]);
 }
 
-using AttendFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, int64_t, int64_t,
-                          const Shape&, float, float*);
+using TileFn = void (*)(const QueryVec*, const float*, const float*, const int64_t*, int64_t, const Shape&, float);
 
-template <int C>
-AttendFn fast_for_group(int64_t group) {
-  switch (group) {
-    case 1: return attend16<1, C>;
-    case 2: return attend16<2, C>;
-    case 3: return attend16<3, C>;
-    case 4: return attend16<4, C>;
-    case 5: return attend16<5, C>;
-    case 6: return attend16<6, C>;
-    case 7: return attend16<7, C>;
-    case 8: return attend16<8, C>;
-    default: return nullptr;
-  }
+template <int... N>
+constexpr std::array<TileFn, sizeof...(N)> tile_kernels(std::integer_sequence<int, N...>) {
+  return {attend_tile<N + 1>...};
 }
+constexpr auto kTileKernels = tile_kernels(std::make_integer_sequence<int, kMaxQueries>{});
 
-// The specialized kernel for this shape, or the general one.
-AttendFn choose_attend(const Shape& s) {
-  AttendFn fast = nullptr;
-  if (s.block_size == kLanes) {
-    if (s.head_dim == 64) fast = fast_for_group<4>(s.group());
-    if (s.head_dim == 128) fast = fast_for_group<8>(s.group());
-    if (s.head_dim == 256) fast = fast_for_group<16>(s.group());
+bool has_fast_path(const Shape& s) { return s.block_size == kLanes && s.head_dim % kLanes == 0; }
+
+// A unit of work: `rows` consecutive query rows of one sequence, query heads [head, head + heads)
+// of one KV head's group.
+struct Item {
+  int64_t row, rows, kv_head, head, heads;
+};
+
+// Tiles of query vectors that fill the registers (kMaxQueries) where the shape allows, else one
+// row and one KV head's group at a time.
+std::vector<Item> work_items(const int64_t* seqs, int64_t num_rows, const Shape& s) {
+  const int64_t group = s.group();
+  const bool fast = has_fast_path(s);
+  const int64_t heads = fast ? std::min<int64_t>(group, kMaxQueries) : group;
+  const int64_t tile_rows = fast ? std::max<int64_t>(1, kMaxQueries / group) : 1;
+  std::vector<Item> items;
+  for (int64_t row = 0; row < num_rows;) {
+    int64_t rows = 1;
+    while (rows < tile_rows && row + rows < num_rows && seqs[row + rows] == seqs[row]) ++rows;
+    for (int64_t g = 0; g < s.num_kv_heads; ++g)
+      for (int64_t h = 0; h < group; h += heads) items.push_back({row, rows, g, h, std::min(heads, group - h)});
+    row += rows;
   }
-  return fast ? fast : attend;
+  return items;
 }
 
 }  // namespace
@@ -302,24 +356,38 @@ torch::Tensor paged_attention(torch::Tensor query, torch::Tensor k_cache, torch:
   TORCH_CHECK(token_seq.numel() == query.size(0) && token_visible.numel() == query.size(0),
               "token_seq and token_visible need one entry per query row");
   auto out = torch::empty_like(query);
-  const int64_t items = query.size(0) * s.num_kv_heads;
   const float *q = query.data_ptr<float>(), *k = k_cache.data_ptr<float>(), *v = v_cache.data_ptr<float>();
   const int64_t *tables = block_tables.data_ptr<int64_t>(), *seqs = token_seq.data_ptr<int64_t>();
   const int64_t* visible = token_visible.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   const int64_t row_stride = s.num_heads * s.head_dim;
-  const AttendFn attend_one = choose_attend(s);
+  const std::vector<Item> items = work_items(seqs, query.size(0), s);
+  const bool fast = has_fast_path(s);
+  auto run = [&](const Item& item) {
+    const int64_t* table = tables + seqs[item.row] * s.max_blocks;
+    QueryVec qs[kMaxQueries];
+    int n = 0;
+    for (int64_t r = item.row; r < item.row + item.rows; ++r) {
+      const int64_t first = window > 0 ? std::max<int64_t>(0, visible[r] - window) : 0;
+      if (!fast) {
+        attend(q + r * row_stride, k, v, table, first, visible[r], item.kv_head, s, static_cast<float>(scale),
+               o + r * row_stride);
+        continue;
+      }
+      for (int64_t h = item.head; h < item.head + item.heads; ++h) {
+        const int64_t offset = r * row_stride + (item.kv_head * s.group() + h) * s.head_dim;
+        qs[n++] = {q + offset, o + offset, first, visible[r]};
+      }
+    }
+    if (n) kTileKernels[n - 1](qs, k, v, table, item.kv_head, s, static_cast<float>(scale));
+  };
   // Items are dealt out in turn, not in halves: a prefill chunk's later tokens see more context,
   // so contiguous ranges would leave one thread with most of the work.
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t worker = begin; worker < end; ++worker)
-      for (int64_t item = worker; item < items; item += workers) {
-        const int64_t t = item / s.num_kv_heads, g = item % s.num_kv_heads;
-        const int64_t first = window > 0 ? std::max<int64_t>(0, visible[t] - window) : 0;
-        attend_one(q + t * row_stride, k, v, tables + seqs[t] * s.max_blocks, first, visible[t], g, s,
-                   static_cast<float>(scale), o + t * row_stride);
-      }
+      for (int64_t i = worker; i < num_items; i += workers) run(items[i]);
   });
   return out;
 }

@@ -17,9 +17,9 @@ int64_t argmax_row(const float* row, int64_t n) {
     Vec16 top = load16(row);
     for (int64_t i = kLanes; i < vectorized; i += kLanes) {
       const Vec16 v = load16(row + i);
-      top = v > top ? v : top;
+      top = max16(v, top);
     }
-    best = max16(top);
+    best = lane_max(top);
   }
   for (int64_t i = vectorized; i < n; ++i) best = row[i] > best ? row[i] : best;
   for (int64_t i = 0; i < n; ++i)
