@@ -6,13 +6,20 @@ Scenarios (prompts of random ordinary tokens, greedy, ignore_eos, identical for 
   N concurrent  - N requests arrive together: output tokens/s and mean time to first token
   batch 1       - one request: decode tokens/s
   shared prefix - N requests after one warm-up share a long prefix: mean TTFT, caching on vs off
-Prints the tables and ratios, and stores results.parquet, results.md and throughput.png as a
-result artifact.
+Our engine and vLLM take turns on each scenario, `rounds` times: a machine whose speed drifts
+(shared cores) then slows both alike, and each ratio to vLLM is the median of the rounds' ratios.
+Prints the tables (medians) and ratios, and stores results.parquet (every round), results.md and
+throughput.png as a result artifact.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import statistics
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +33,7 @@ from cluster.store import Store
 from jobs.bench import hf_peers, machine
 from jobs.bench.measure import Measured
 from jobs.bench.ours import run_engine
-from jobs.bench.report import markdown_table, store_results
+from jobs.bench.report import markdown_table, plot_throughput, store_results
 from jobs.bench.workloads import random_prompts
 from jobs.models.load import model_dir
 from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
@@ -40,6 +47,7 @@ class BenchEngineConfig(StrictConfig):
     prompt_tokens: int = Field(128, ge=1)
     max_tokens: int = Field(128, ge=2)
     concurrency: list[int] = Field(default_factory=lambda: [32, 64])
+    rounds: int = Field(3, ge=1, description="turns each of our engine and vLLM takes on each scenario")
     hf_one_at_a_time_requests: int = Field(4, ge=1, description="HF one at a time is slow: its rate from this many")
     shared_prefix_tokens: int = Field(1024, ge=1)
     shared_prefix_requests: int = Field(32, ge=1)
@@ -51,20 +59,50 @@ class BenchEngineConfig(StrictConfig):
     store: str | None = None
 
 
-def run_ours(config: BenchEngineConfig, path: Path, vocab: int) -> list[Measured]:
+SETTLE_S = 1.0  # between turns: an engine's OpenMP threads spin for a while after its work ends
+
+
+def turn_scenarios(config: BenchEngineConfig, vocab: int, turn: int) -> list[tuple[str, list[list[int]]]]:
+    """Each round's prompts are new (a prompt seen before would be served from the prefix cache);
+    within a round both engines get the same ones. Round 0's are the HF peers' prompts."""
+    def prompts(count: int) -> list[list[int]]:
+        return random_prompts(count, config.prompt_tokens, vocab, seed=count + 1000 * turn)
+
+    return [(f"{n} concurrent", prompts(n)) for n in config.concurrency] + [("batch 1", prompts(1))]
+
+
+def progress(row: Measured, rounds: int) -> Measured:
+    print(f"{row.engine:>24} {row.scenario:>14} round {row.round + 1}/{rounds}: {row.tokens_per_s:7.1f} tok/s",
+          file=sys.stderr, flush=True)
+    return row
+
+
+def run_turns(config: BenchEngineConfig, path: Path, vocab: int, vllm) -> list[Measured]:
+    """Every scenario `rounds` times, our engine then vLLM (when `vllm` measures it) in turn."""
     engine = LLMEngine(path, config.engine)
     run_engine(engine, "rayfoundry", "warm-up", random_prompts(2, 16, vocab, seed=99), 4)
-    rows = [run_engine(engine, "rayfoundry", f"{n} concurrent", random_prompts(n, config.prompt_tokens, vocab, seed=n),
-                       config.max_tokens) for n in config.concurrency]
-    rows.append(run_engine(engine, "rayfoundry", "batch 1", random_prompts(1, config.prompt_tokens, vocab, seed=1),
-                           config.max_tokens))
+    rows = []
+    by_round = [turn_scenarios(config, vocab, turn) for turn in range(config.rounds)]
+    for rounds_of_one_scenario in zip(*by_round):
+        for turn, (scenario, prompts) in enumerate(rounds_of_one_scenario):
+            ours = replace(run_engine(engine, "rayfoundry", scenario, prompts, config.max_tokens), round=turn)
+            rows.append(progress(ours, config.rounds))
+            if vllm is not None:
+                time.sleep(SETTLE_S)
+                rows.append(progress(replace(vllm(scenario, prompts, config.max_tokens), round=turn), config.rounds))
+                time.sleep(SETTLE_S)
+    return rows
+
+
+def run_prefix_caching(config: BenchEngineConfig, path: Path, vocab: int) -> list[Measured]:
+    rows = []
     for caching in (True, False):
         engine = LLMEngine(path, config.engine.model_copy(update={"enable_prefix_caching": caching}))
         prompts = random_prompts(config.shared_prefix_requests + 1, config.shared_suffix_tokens, vocab, seed=7,
                                  shared_prefix=config.shared_prefix_tokens)
         run_engine(engine, "warm-up", "warm-up", prompts[:1], 2)  # puts the prefix in the cache
         label = f"rayfoundry prefix-cache {'on' if caching else 'off'}"
-        rows.append(run_engine(engine, label, "shared prefix", prompts[1:], 2))
+        rows.append(progress(run_engine(engine, label, "shared prefix", prompts[1:], 2), 1))
     return rows
 
 
@@ -73,33 +111,33 @@ def run_hf(config: BenchEngineConfig, path: Path, vocab: int) -> list[Measured]:
     rows = []
     if "hf-one-at-a-time" in config.peers:
         prompts = random_prompts(config.hf_one_at_a_time_requests, config.prompt_tokens, vocab, seed=1)
-        rows.append(hf_peers.hf_one_at_a_time(model, "1 at a time", prompts, config.max_tokens))
+        rows.append(progress(hf_peers.hf_one_at_a_time(model, "1 at a time", prompts, config.max_tokens), 1))
     if "hf-generate_batch" in config.peers:  # its first call sets up its batching machinery: not timed
         hf_peers.hf_generate_batch(model, "warm-up", random_prompts(2, 16, vocab, seed=99), 4)
     for n in config.concurrency:
         prompts = random_prompts(n, config.prompt_tokens, vocab, seed=n)
         if "hf-padded-batch" in config.peers:
-            rows.append(hf_peers.hf_padded_batch(model, f"{n} concurrent", prompts, config.max_tokens))
+            rows.append(progress(hf_peers.hf_padded_batch(model, f"{n} concurrent", prompts, config.max_tokens), 1))
         if "hf-generate_batch" in config.peers:
-            rows.append(hf_peers.hf_generate_batch(model, f"{n} concurrent", prompts, config.max_tokens))
+            rows.append(progress(hf_peers.hf_generate_batch(model, f"{n} concurrent", prompts, config.max_tokens), 1))
     return rows
 
 
-def run_vllm(config: BenchEngineConfig, path: Path, vocab: int, log_dir: Path) -> tuple[list[Measured], str]:
-    if "vllm-cpu" not in config.peers:
-        return [], "vllm-cpu not requested"
+@contextlib.contextmanager
+def vllm_peer(config: BenchEngineConfig, path: Path, vocab: int, log_dir: Path):
+    """Yields (measure, note): measure(scenario, prompts, max_tokens) runs them on a warm vLLM
+    server, or is None with the note saying why there is none."""
     python = Path(config.vllm_python) if config.vllm_python else None
-    if python is None or not python.exists():
-        return [], "vllm-cpu skipped: no --vllm-python given (a virtualenv with vllm-cpu installed)"
-    from jobs.bench.vllm_peer import run_vllm as measure, vllm_server
+    if "vllm-cpu" not in config.peers:
+        yield None, "vllm-cpu not requested"
+    elif python is None or not python.exists():
+        yield None, "vllm-cpu skipped: no --vllm-python given (a virtualenv with vllm-cpu installed)"
+    else:
+        from jobs.bench.vllm_peer import run_vllm, vllm_server
 
-    with vllm_server(python, path, log_dir / "vllm-server.log") as port:
-        measure(port, "warm-up", random_prompts(2, 16, vocab, seed=99), 4)
-        rows = [measure(port, f"{n} concurrent", random_prompts(n, config.prompt_tokens, vocab, seed=n),
-                        config.max_tokens) for n in config.concurrency]
-        rows.append(measure(port, "batch 1", random_prompts(1, config.prompt_tokens, vocab, seed=1),
-                            config.max_tokens))
-    return rows, ""
+        with vllm_server(python, path, log_dir / "vllm-server.log") as port:
+            run_vllm(port, "warm-up", random_prompts(2, 16, vocab, seed=99), 4)
+            yield functools.partial(run_vllm, port), ""
 
 
 def add_limits(rows: list[dict], num_params: int, weight_bytes: int, gflops: float, gbps: float) -> None:
@@ -113,34 +151,65 @@ def add_limits(rows: list[dict], num_params: int, weight_bytes: int, gflops: flo
             row["bandwidth_fraction"] = weight_bytes * row["decode_tokens_per_s"] / (gbps * 1e9)
 
 
+MEASURES = ["seconds", "tokens_per_s", "mean_ttft_s", "decode_tokens_per_s"]
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (engine, scenario): the median of each measure over its rounds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["engine"], row["scenario"]), []).append(row)
+    summary = []
+    for group in groups.values():
+        row = {**group[0], "rounds": len(group)}
+        for measure in MEASURES:
+            values = [r[measure] for r in group if r[measure] is not None]
+            row[measure] = statistics.median(values) if values else None
+        summary.append(row)
+    return summary
+
+
+def ratio(rows: list[dict], ours: str, peer: str, scenario: str, measure: str, invert: bool = False) -> float | None:
+    """ours ÷ peer (peer ÷ ours if `invert`): the median of the rounds' ratios where both took
+    turns, else the ratio of the two medians (a peer measured once)."""
+    def by_round(engine):
+        return {r["round"]: r[measure] for r in rows
+                if r["engine"] == engine and r["scenario"] == scenario and r[measure]}
+
+    mine, theirs = by_round(ours), by_round(peer)
+    if not mine or not theirs:
+        return None
+    pairs = [(mine[t], theirs[t]) for t in mine.keys() & theirs.keys()] if len(theirs) > 1 else \
+        [(statistics.median(mine.values()), statistics.median(theirs.values()))]
+    return statistics.median(b / a if invert else a / b for a, b in pairs)
+
+
 def ratios(rows: list[dict], concurrency: list[int]) -> list[dict]:
-    by = {(r["engine"], r["scenario"]): r for r in rows}
-    out = []
-
-    def compare(what, scenario, ours, peer, value, invert=False):
-        if ours and peer and value(ours) and value(peer):
-            ratio = value(peer) / value(ours) if invert else value(ours) / value(peer)
-            out.append({"scenario": scenario, "measure": what, "peer": peer["engine"], "ratio": ratio})
-
-    one_at_a_time = by.get(("hf-generate-1-at-a-time", "1 at a time"))
-    tokens_per_s, ttft = (lambda r: r["tokens_per_s"]), (lambda r: r["mean_ttft_s"])
+    wanted = []
     for n in concurrency:
         scenario = f"{n} concurrent"
-        ours = by.get(("rayfoundry", scenario))
         for peer in ("vllm-cpu", "hf-generate-padded-batch", "hf-generate_batch"):
-            compare("output tokens/s, ours ÷ peer", scenario, ours, by.get((peer, scenario)), tokens_per_s)
-        compare("output tokens/s, ours ÷ peer", scenario, ours, one_at_a_time, tokens_per_s)
-        compare("mean TTFT, peer ÷ ours", scenario, ours, by.get(("vllm-cpu", scenario)), ttft, invert=True)
-    decode = lambda r: r["decode_tokens_per_s"]  # noqa: E731
-    ours = by.get(("rayfoundry", "batch 1"))
-    compare("batch-1 decode tokens/s, ours ÷ peer", "batch 1", ours, by.get(("vllm-cpu", "batch 1")), decode)
-    compare("batch-1 decode tokens/s, ours ÷ peer", "batch 1", ours, one_at_a_time, decode)
-    compare("mean TTFT, caching off ÷ on", "shared prefix", by.get(("rayfoundry prefix-cache on", "shared prefix")),
-            by.get(("rayfoundry prefix-cache off", "shared prefix")), ttft, invert=True)
+            wanted.append(("output tokens/s, ours ÷ peer", "rayfoundry", peer, scenario, scenario, "tokens_per_s", False))
+        wanted.append(("output tokens/s, ours ÷ peer", "rayfoundry", "hf-generate-1-at-a-time", scenario,
+                       "1 at a time", "tokens_per_s", False))
+        wanted.append(("mean TTFT, peer ÷ ours", "rayfoundry", "vllm-cpu", scenario, scenario, "mean_ttft_s", True))
+    for peer, peer_scenario in (("vllm-cpu", "batch 1"), ("hf-generate-1-at-a-time", "1 at a time")):
+        wanted.append(("batch-1 decode tokens/s, ours ÷ peer", "rayfoundry", peer, "batch 1", peer_scenario,
+                       "decode_tokens_per_s", False))
+    wanted.append(("mean TTFT, caching off ÷ on", "rayfoundry prefix-cache on", "rayfoundry prefix-cache off",
+                   "shared prefix", "shared prefix", "mean_ttft_s", True))
+    out = []
+    for what, ours, peer, scenario, peer_scenario, measure, invert in wanted:
+        # the peer's rows under our scenario's name, so rounds pair up
+        renamed = [{**r, "scenario": scenario} if r["engine"] == peer and r["scenario"] == peer_scenario else r
+                   for r in rows if r["engine"] in (ours, peer)]
+        value = ratio(renamed, ours, peer, scenario, measure, invert)
+        if value is not None:
+            out.append({"scenario": scenario, "measure": what, "peer": peer, "ratio": value})
     return out
 
 
-COLUMNS = ["engine", "scenario", "requests", "output_tokens", "seconds", "tokens_per_s", "mean_ttft_s",
+COLUMNS = ["engine", "scenario", "requests", "rounds", "output_tokens", "seconds", "tokens_per_s", "mean_ttft_s",
            "decode_tokens_per_s", "compute_fraction", "bandwidth_fraction", "note"]
 
 
@@ -166,19 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     gflops, gbps = machine.matmul_gflops(), machine.weight_streaming_gbps()
     print(f"machine: {gflops:.0f} GFLOP/s fp32 matmul, {gbps:.1f} GB/s weight streaming, {config.threads} threads",
           file=sys.stderr)
-    measured = run_ours(config, path, vocab) + run_hf(config, path, vocab)
     log_dir = Path(store.root if store.fs.type_name == "local" else ".") / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    vllm_rows, vllm_note = run_vllm(config, path, vocab, log_dir)
-    rows = [m.row() for m in measured + vllm_rows]
-    add_limits(rows, num_params, weight_bytes, gflops, gbps)
-    table = markdown_table(rows, COLUMNS)
+    with vllm_peer(config, path, vocab, log_dir) as (vllm, vllm_note):
+        measured = run_turns(config, path, vocab, vllm)
+    measured += run_prefix_caching(config, path, vocab) + run_hf(config, path, vocab)
+    rows = [m.row() for m in measured]
+    summary = medians(rows)
+    add_limits(summary, num_params, weight_bytes, gflops, gbps)
+    table = markdown_table(summary, COLUMNS)
     ratio_table = markdown_table(ratios(rows, config.concurrency), ["scenario", "measure", "peer", "ratio"])
-    notes = [f"machine: {gflops:.0f} GFLOP/s, {gbps:.1f} GB/s; model {num_params / 1e6:.1f}M params fp32"]
+    notes = [(f"machine: {gflops:.0f} GFLOP/s, {gbps:.1f} GB/s; model {num_params / 1e6:.1f}M params fp32; "
+              f"medians of {config.rounds} rounds taken in turns with vLLM")]
     notes += [vllm_note] if vllm_note else []
     report = "\n\n".join([table, ratio_table, *notes])
     print(report)
-    uri = store_results("bench_engine", rows, report, f"{config.model}, {config.threads} threads", store)
+    uri = store_results("bench_engine", rows, report, f"{config.model}, {config.threads} threads (medians)", store,
+                        plot=lambda _rows, png, title: plot_throughput(summary, png, title))
     print(f"\nresults: {uri}")
     return 0
 

