@@ -14,10 +14,12 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor argmax_rows(torch::Tensor logits);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales);
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales);
-torch::Tensor float32_linear(torch::Tensor x, torch::Tensor weight);
+torch::Tensor pack_float32_panels(torch::Tensor weight);
+torch::Tensor float32_panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out,
+                                   c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "attention over a paged KV cache, one query row at a time (float32, CPU)");
+  m.def("paged_attention", &paged_attention, "attention over a paged KV cache for a ragged batch of query rows (float32, CPU)");
   m.def("write_kv_cache", &write_kv_cache, "store new keys and values at their cache slots (float32, CPU)");
   m.def("rotary_and_cache", &rotary_and_cache, "rotary on q and k of a fused qkv, k and v into the cache; returns q");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up from a fused gate_up output (float32, CPU)");
@@ -27,5 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32, CPU)");
   m.def("int8_linear", &int8_linear, "x @ (int8 codes * group scales)^T, for few rows (float32, CPU)");
   m.def("int4_linear", &int4_linear, "x @ (packed int4 codes * group scales)^T, for few rows (float32, CPU)");
-  m.def("float32_linear", &float32_linear, "x @ weight^T streaming the weight, for few rows (float32, CPU)");
+  m.def("pack_float32_panels", &pack_float32_panels, "weight [out, in] -> panels [ceil(out / 16), in, 16]");
+  m.def("float32_panel_linear", &float32_panel_linear, "x @ weight^T (+ bias) from its panels (float32, CPU)",
+        py::arg("x"), py::arg("panels"), py::arg("out"), py::arg("bias") = py::none());
 }

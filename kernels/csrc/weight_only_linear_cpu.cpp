@@ -1,9 +1,8 @@
-// Linears for decode-sized batches, y = x @ W^T with W as int8 codes, as signed int4 codes two per
-// byte (low nibble first, kernels/quant.py:pack_int4) -- both with one float scale per (output row,
-// group of inputs) -- or as plain float32. At a few rows of x the product is bound by reading W:
-// reading a quarter (int8) or an eighth (int4) of fp32's bytes and widening codes in registers is
-// what makes the quantized ones faster, and prefetching W's next rows ahead is what lets float32
-// keep up with memory. A tile of 4 output rows x up to 4 rows of x keeps 16 independent
+// Linears for decode-sized batches, y = x @ W^T with W as int8 codes or as signed int4 codes two
+// per byte (low nibble first, kernels/quant.py:pack_int4), both with one float scale per (output
+// row, group of inputs). At a few rows of x the product is bound by reading W: reading a quarter
+// (int8) or an eighth (int4) of fp32's bytes and widening codes in registers is what makes them
+// faster than float32. A tile of 4 output rows x up to 4 rows of x keeps 16 independent
 // accumulators in registers: each weight vector is used up to 4 times and the FMAs do not wait on
 // each other. float32, CPU; AVX-512 where the compiler targets it, a portable loop elsewhere and
 // for tails.
@@ -52,27 +51,17 @@ struct Int4Codes {
 #endif
 };
 
-struct Float32Codes {  // not codes at all: the weight itself, with no scales
-  using Byte = float;
-  static constexpr int64_t kPrefetchEvery = 16;  // floats: one cache line
-  static int64_t units(int64_t codes) { return codes; }
-  static float code(const Byte* row, int64_t k) { return row[k]; }
-#if defined(__AVX512F__)
-  static __m512 widen16(const Byte* row, int64_t k) { return _mm512_loadu_ps(row + k); }
-#endif
-};
-
 template <class Codes>
 struct Problem {
   const float* x;
   int64_t x_stride;
   const typename Codes::Byte* codes;
-  const float* scales;  // [out, groups]; null: no scales (float32 weights)
+  const float* scales;  // [out, groups]
   float* y;
   int64_t rows, in, out, groups, group;
 
   const typename Codes::Byte* row(int64_t n) const { return codes + n * Codes::units(in); }
-  float scale(int64_t n, int64_t g) const { return scales ? scales[n * groups + g] : 1.f; }
+  float scale(int64_t n, int64_t g) const { return scales[n * groups + g]; }
 };
 
 // One output element, any shape: the path for tails and builds without AVX-512.
@@ -192,16 +181,4 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales) {
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed int4 codes must be uint8");
   return weight_only_linear<Int4Codes>(x, packed, scales);
-}
-
-torch::Tensor float32_linear(torch::Tensor x, torch::Tensor weight) {
-  check_x(x);
-  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.dim() == 2 && weight.is_contiguous() &&
-                  weight.size(1) == x.size(1),
-              "weight must be contiguous float32 [out, ", x.size(1), "]");
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  auto y = torch::empty({rows, out}, x.options());
-  const Problem<Float32Codes> p{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), nullptr,
-                                y.data_ptr<float>(), rows, in, out, 1, in};
-  return run(p, y);
 }

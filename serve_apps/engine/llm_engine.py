@@ -37,8 +37,8 @@ class EngineConfig(StrictConfig):
     max_model_len: int | None = Field(None, ge=2, description="default: the model's context")
     enable_prefix_caching: bool = True
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
-    prepack_weights: bool = Field(True, description="CPU: linear weights also kept in oneDNN's layout; "
-                                                    "faster batched decode and prefill, twice the weight memory")
+    prepack_weights: bool = Field(True, description="CPU: linear weights also kept packed for our GEMM (float32) "
+                                                    "or oneDNN's; faster decode and prefill, twice the weight memory")
 
 
 @dataclass

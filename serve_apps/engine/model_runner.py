@@ -49,7 +49,7 @@ def hf_weights(path: Path):
 
 
 def load_model(path: Path, dtype: torch.dtype, prepack: bool = False) -> torch.nn.Module:
-    """The model with its Hugging Face weights; `prepack`: CPU linears in oneDNN's layout (faster, 2x weight memory)."""
+    """The model with its Hugging Face weights; `prepack`: CPU linears packed (kernels.cpu_linear: faster, 2x weight memory)."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in ARCHITECTURES:
         raise ValueError(f"model type {config.model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
