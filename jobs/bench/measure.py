@@ -29,4 +29,3 @@ class Measured:
 def mean(values) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
-

@@ -48,6 +48,14 @@ inline Vec16 select(Mask16 m, Vec16 a, Vec16 b) { return m ? a : b; }
 inline Vec16 exp16(Vec16 x) { return exp_lanes<Vec16, Int16>(x); }
 inline Vec16 iota16() { return Vec16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
+inline Vec16 load16(const float* p) {
+  Vec16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, Vec16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
 #else
 
 typedef float Half __attribute__((vector_size(32)));
@@ -81,20 +89,6 @@ inline Vec16 select(Mask16 m, Vec16 a, Vec16 b) { return {m.lo ? a.lo : b.lo, m.
 inline Vec16 exp16(Vec16 x) { return {exp_lanes<Half, HalfInt>(x.lo), exp_lanes<Half, HalfInt>(x.hi)}; }
 inline Vec16 iota16() { return {Half{0, 1, 2, 3, 4, 5, 6, 7}, Half{8, 9, 10, 11, 12, 13, 14, 15}}; }
 
-#endif
-
-inline Vec16 splat16(float x) { return Vec16{} + x; }
-inline Vec16 max16(Vec16 a, Vec16 b) { return select(a > b, a, b); }
-
-#if defined(__AVX512F__)
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store16(float* p, Vec16 v) { __builtin_memcpy(p, &v, sizeof v); }
-#else
 // Each half on its own: a memcpy of the whole pair went through the stack in 16-byte pieces.
 typedef float UnalignedHalf __attribute__((vector_size(32), aligned(4), may_alias));
 
@@ -106,7 +100,11 @@ inline void store16(float* p, Vec16 v) {
   *reinterpret_cast<UnalignedHalf*>(p) = v.lo;
   *reinterpret_cast<UnalignedHalf*>(p + 8) = v.hi;
 }
+
 #endif
+
+inline Vec16 splat16(float x) { return Vec16{} + x; }
+inline Vec16 max16(Vec16 a, Vec16 b) { return select(a > b, a, b); }
 
 // The largest lane, NaN lanes skipped (-inf if all are NaN); the sum of the lanes.
 inline float lane_max(Vec16 v) {
