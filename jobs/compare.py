@@ -33,7 +33,8 @@ from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
 from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm, model_dir, open_model
-from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+from serve_apps.engine.config import EngineConfig
+from serve_apps.engine.llm_engine import LLMEngine
 
 BASELINE = "fp32"
 

@@ -12,7 +12,7 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from cluster.config import StrictConfig, parse_config
-from serve_apps.engine.llm_engine import EngineConfig
+from serve_apps.engine.config import EngineConfig
 from serve_apps.ingress import Ingress
 from serve_apps.llm_server import LLMServer
 from serve_apps.routing.kv_aware_state import DEFAULT_MAX_IMBALANCE

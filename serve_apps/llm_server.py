@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from serve_apps.engine.async_engine import AsyncLLMEngine
-from serve_apps.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from serve_apps.engine.config import EngineConfig
+from serve_apps.engine.llm_engine import LLMEngine, RequestOutput
 from serve_apps.engine.metrics import RayMetricsSink
 from serve_apps.engine.sampling_params import SamplingParams
 from serve_apps.openai_protocol import Chunk, TokenLogprob

@@ -7,7 +7,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from cluster.store import fetch
-from serve_apps.engine.llm_engine import encode_prompt
+from serve_apps.engine.config import encode_prompt
 
 
 class PromptBuilder:

@@ -15,7 +15,8 @@ from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm
 from kernels.compressed import StackedLinear
 from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+from serve_apps.engine.config import EngineConfig
+from serve_apps.engine.llm_engine import LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
 # int8 per channel for attention (q/k/v fuse into one layer in the engine), int4 g32 for the MLP

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import RAYFOUNDRY, env_with_home, hf_greedy_with_logprobs, run
-from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+from serve_apps.engine.config import EngineConfig
+from serve_apps.engine.llm_engine import LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import hf_greedy_with_logprobs
 from kernels.cpu_linear import FEW_ROWS_PATHS, PrepackedLinear
-from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+from serve_apps.engine.config import EngineConfig
+from serve_apps.engine.llm_engine import LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
 MAX_TOKENS = 8

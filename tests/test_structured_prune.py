@@ -7,7 +7,8 @@ from jobs.compress.calibration import collect
 from jobs.compress.checkpoint import save_compressed
 from jobs.compress.structured import StructuredConfig
 from jobs.models.load import load_causal_lm
-from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+from serve_apps.engine.config import EngineConfig
+from serve_apps.engine.llm_engine import LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
 
 

@@ -49,7 +49,8 @@ def test_qat_trains_and_stores_a_checkpoint_that_matches_its_fake_quant_model(
     from jobs.models.load import load_causal_lm, model_dir
     from jobs.qat import run
     from kernels.compressed import CompressedLinear
-    from serve_apps.engine.llm_engine import EngineConfig, LLMEngine
+    from serve_apps.engine.config import EngineConfig
+    from serve_apps.engine.llm_engine import LLMEngine
     from serve_apps.engine.sampling_params import SamplingParams
 
     summary = run(qat_config(tmp_path, smollm2_home, tiny_llama_dir))

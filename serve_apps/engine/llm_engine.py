@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from transformers import AutoTokenizer
 
-from cluster.config import StrictConfig
 from cluster.store import fetch
+from serve_apps.engine.config import EngineConfig, encode_prompt
 from serve_apps.engine.detokenizer import IncrementalDetokenizer
 from serve_apps.engine.kv_cache_manager import KVCacheManager
 from serve_apps.engine.metrics import EngineMetrics
@@ -20,25 +19,6 @@ from serve_apps.engine.request import Request, Status
 from serve_apps.engine.sampler import SampledToken, Sampler
 from serve_apps.engine.sampling_params import SamplingParams
 from serve_apps.engine.scheduler import Scheduler
-
-
-def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
-    """Text to token ids as the engine reads prompts, with the special tokens the tokenizer adds to
-    any text (Gemma's <bos>; SmolLM2's adds none), as transformers and vLLM do; ids pass through."""
-    return tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
-
-
-class EngineConfig(StrictConfig):
-    block_size: int = Field(16, ge=1)
-    kv_cache_memory_gib: float = Field(1.0, gt=0)
-    num_blocks: int | None = Field(None, ge=1, description="overrides kv_cache_memory_gib")
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
-    max_model_len: int | None = Field(None, ge=2, description="default: the model's context")
-    enable_prefix_caching: bool = True
-    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
-    prepack_weights: bool = Field(True, description="CPU: linear weights also kept packed for our GEMM (float32) "
-                                                    "or oneDNN's; faster decode and prefill, twice the weight memory")
 
 
 @dataclass
@@ -188,4 +168,4 @@ class LLMEngine:
         return [final[i] for i in ids]
 
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
+__all__ = ["LLMEngine", "RequestOutput"]
