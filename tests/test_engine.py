@@ -122,6 +122,11 @@ def test_bad_requests_are_refused_before_anything_is_allocated(tiny_model):
         engine.add_request(list(range(1, 301)))
     with pytest.raises(ValueError, match="do not fit the KV cache"):
         engine.add_request(list(range(1, 100)))
+    with pytest.raises(ValueError, match="prompt: must contain at least one token"):
+        engine.add_request([])
+    for bad in (-1, VOCAB):
+        with pytest.raises(ValueError, match=f"prompt: token id {bad} is outside the vocabulary \\(0 to {VOCAB - 1}\\)"):
+            engine.add_request([5, bad, 6])
     assert not engine.has_unfinished_requests() and engine.kv_cache.num_free_blocks == 16
 
 
@@ -156,6 +161,35 @@ def test_async_streams_match_the_sync_engine_and_cancel_frees_blocks(tiny_model)
     assert asyncio.run(main()) == expected
     assert not engine.engine.has_unfinished_requests()
     assert engine.engine.kv_cache.num_free_blocks == 128
+
+
+def test_a_failing_step_ends_every_stream_at_once_and_the_engine_reports_dead(tiny_model, monkeypatch):
+    import asyncio
+
+    from serve_apps.engine.async_engine import AsyncLLMEngine
+    from serve_apps.engine.errors import EngineDeadError
+
+    engine = AsyncLLMEngine(LLMEngine(tiny_model, EngineConfig(num_blocks=128, block_size=4)))
+    # A bug that lets a prompt through unchecked: its token id breaks the model's embedding mid-step.
+    monkeypatch.setattr(engine.engine, "_check_prompt", lambda token_ids: None)
+    started = asyncio.Event()
+
+    async def consume(ids, max_tokens):
+        async for _ in engine.generate(ids, GREEDY.model_copy(update={"max_tokens": max_tokens, "ignore_eos": True})):
+            started.set()
+
+    async def main():
+        healthy = asyncio.create_task(consume(prompts(1, seed=3)[0], 200))
+        await started.wait()
+        broken = asyncio.create_task(consume([VOCAB + 5], 4))
+        results = await asyncio.wait_for(asyncio.gather(healthy, broken, return_exceptions=True), timeout=60)
+        with pytest.raises(EngineDeadError):  # a later request fails at once, never queued
+            await consume(prompts(1, seed=4)[0], 4)
+        return results
+
+    assert all(isinstance(result, EngineDeadError) for result in asyncio.run(main()))
+    with pytest.raises(EngineDeadError):
+        engine.check_health()
 
 
 def test_engine_metrics_use_the_shared_names(tiny_model):

@@ -55,7 +55,7 @@ def test_gemma3_text_prompts_start_with_its_bos(gemma3_dir):
     """Text is tokenized as transformers tokenizes it (Gemma reads garbage without its <bos>)."""
     engine = LLMEngine(gemma3_dir, EngineConfig(num_blocks=16, max_model_len=4096))
     prompt = "The capital of France is"
-    assert engine.tokenize(prompt)[0] == engine.tokenizer.bos_token_id
+    assert engine.new_request(prompt).prompt_token_ids[0] == engine.tokenizer.bos_token_id
     out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(gemma3_dir)(prompt, return_tensors="pt").input_ids

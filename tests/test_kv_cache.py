@@ -6,6 +6,15 @@ import pytest
 from serve_apps.engine.block_hash import ROOT_HASH, hash_block_tokens, hash_full_blocks
 from serve_apps.engine.block_pool import BlockPool
 from serve_apps.engine.kv_cache_manager import KVCacheManager
+from serve_apps.engine.request import Request
+from serve_apps.engine.sampling_params import SamplingParams
+
+
+def computed(request_id: str, token_ids: list[int]) -> Request:
+    """A request whose tokens have all been computed."""
+    request = Request(request_id, token_ids, SamplingParams())
+    request.num_computed_tokens = len(token_ids)
+    return request
 
 
 def test_block_hashes_chain_over_the_whole_prefix():
@@ -37,18 +46,33 @@ def test_pool_evicts_least_recently_freed_and_keeps_cached_contents():
 
 def test_shared_prefix_is_reused_and_counted():
     manager = KVCacheManager(num_blocks=8, block_size=4)
-    prompt = list(range(10))
-    assert manager.find_cached_prefix(prompt) == []
-    assert manager.allocate("a", len(prompt))
-    manager.cache_full_blocks("a", prompt, num_computed_tokens=10)
-    hits = manager.find_cached_prefix(prompt[:9] + [99])
-    assert len(hits) == 2
-    assert manager.allocate("b", 10, cached_prefix=hits)
+    a = computed("a", list(range(10)))
+    assert manager.find_cached_prefix(a).num_tokens == 0
+    assert manager.allocate("a", 10)
+    manager.cache_full_blocks(a)
+    b = computed("b", list(range(9)) + [99])
+    prefix = manager.find_cached_prefix(b)
+    assert prefix.num_tokens == 8 and len(prefix.blocks) == 2
+    assert manager.allocate("b", 10, prefix)
     assert manager.block_ids("b")[:2] == manager.block_ids("a")[:2]
     assert manager.block_ids("b")[2] != manager.block_ids("a")[2]
     assert manager.num_free_blocks == 8 - 4
     # an exact repeat still computes its last token
-    assert len(manager.find_cached_prefix(list(range(8)))) == 1
+    assert manager.find_cached_prefix(computed("c", list(range(8)))).num_tokens == 4
+
+
+def test_a_request_hashes_each_block_once():
+    manager = KVCacheManager(num_blocks=8, block_size=4)
+    request = computed("a", list(range(10)))
+    manager.find_cached_prefix(request)
+    hashes = list(request.block_hashes)
+    assert hashes == hash_full_blocks(request.token_ids, 4)
+    request.block_hashes[0] = -1  # a retried lookup must reuse what was hashed, not hash again
+    manager.find_cached_prefix(request)
+    assert request.block_hashes == [-1, *hashes[1:]]
+    request.token_ids += [10, 11]  # two more tokens fill the third block: only it is hashed
+    manager.find_cached_prefix(request)
+    assert request.block_hashes[:2] == [-1, hashes[1]] and len(request.block_hashes) == 3
 
 
 def test_allocation_failure_changes_nothing():
@@ -73,10 +97,9 @@ def test_random_traffic_with_aborts_leaks_nothing():
             manager.free(done)
             continue
         rid = f"r{step}"
-        tokens = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 20))]
-        hits = manager.find_cached_prefix(tokens)
-        if manager.allocate(rid, len(tokens), hits):
-            manager.cache_full_blocks(rid, tokens, len(tokens))
+        request = computed(rid, rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 20))])
+        if manager.allocate(rid, len(request.token_ids), manager.find_cached_prefix(request)):
+            manager.cache_full_blocks(request)
             live.add(rid)
     for rid in list(live):
         manager.free(rid)

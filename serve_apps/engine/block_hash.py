@@ -23,10 +23,17 @@ def hash_block_tokens(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
     return int.from_bytes(digest.digest(), "little")
 
 
-def hash_full_blocks(token_ids: Sequence[int], block_size: int, parent: BlockHash = ROOT_HASH) -> list[BlockHash]:
-    """Chained hashes of every full block of `token_ids` (a partial last block has none)."""
-    hashes = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
+def extend_block_hashes(hashes: list[BlockHash], token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
+    """Append to `hashes` (those of the leading full blocks of `token_ids`, perhaps none) the chained
+    hashes of the full blocks after them; returns `hashes`. As a sequence grows, each block is
+    hashed once."""
+    parent = hashes[-1] if hashes else ROOT_HASH
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash_block_tokens(parent, token_ids[start : start + block_size])
         hashes.append(parent)
     return hashes
+
+
+def hash_full_blocks(token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
+    """Chained hashes of every full block of `token_ids` (a partial last block has none)."""
+    return extend_block_hashes([], token_ids, block_size)

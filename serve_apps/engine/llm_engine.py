@@ -13,8 +13,8 @@ from cluster.store import fetch
 from serve_apps.engine.config import EngineConfig, encode_prompt
 from serve_apps.engine.detokenizer import IncrementalDetokenizer
 from serve_apps.engine.kv_cache_manager import KVCacheManager
-from serve_apps.engine.metrics import EngineMetrics
-from serve_apps.engine.model_runner import ModelRunner, kv_block_bytes, load_model
+from serve_apps.engine.metrics import EngineMetrics, StepStats
+from serve_apps.engine.model_runner import ModelRunner, PromptLogprob, kv_block_bytes, load_model
 from serve_apps.engine.request import Request, Status
 from serve_apps.engine.sampler import SampledToken, Sampler
 from serve_apps.engine.sampling_params import SamplingParams
@@ -35,6 +35,15 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+@dataclass(frozen=True)
+class RoutingStats:
+    """What a replica reports to its request router (Serve routing stats)."""
+
+    kv_block_hashes: list[int]  # every block a prefix lookup can hit now
+    num_requests: int  # running and waiting
+    num_free_blocks: int
+
+
 class LLMEngine:
     def __init__(self, model: str | Path, config: EngineConfig | None = None, metrics_sink=None):
         """`model`: a stored model's name, a folder or a URI (see cluster.store)."""
@@ -52,7 +61,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
         self.sampler = Sampler()
         self.metrics = EngineMetrics(metrics_sink)
-        self._counted = (0, 0, 0)  # prefix queried, prefix hits, preemptions already reported
         self.eos_token_ids = {model_config.eos_token_id} if isinstance(model_config.eos_token_id, int) \
             else set(model_config.eos_token_id or [])
         self.requests: dict[str, Request] = {}
@@ -60,31 +68,41 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        params = params or SamplingParams()
-        token_ids = self.tokenize(prompt)
-        self.check_prompt(token_ids)
-        request = Request(request_id or f"req-{next(self._ids)}", token_ids, params)
+    def new_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Request:
+        """A checked request, not yet queued: a prompt that cannot be served fails here, before
+        anything is allocated."""
+        token_ids = encode_prompt(self.tokenizer, prompt)
+        self._check_prompt(token_ids)
+        return Request(request_id or f"req-{next(self._ids)}", token_ids, params or SamplingParams())
+
+    def add(self, request: Request) -> None:
+        """Queue a request made by `new_request`."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
+        self.detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                                                       request.params.stop)
         self.scheduler.add(request)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        request = self.new_request(prompt, params, request_id)
+        self.add(request)
         return request.request_id
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
-
-    def check_prompt(self, token_ids: list[int]) -> None:
-        """Refuse, before anything is allocated, a prompt that cannot be served."""
+    def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("prompt: must contain at least one token")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(token_ids)} tokens leave no room in the context of {self.max_model_len}")
-        capacity = self.kv_cache.pool.num_blocks * self.kv_cache.block_size
-        if len(token_ids) + 1 > capacity:
-            raise ValueError(f"prompt: {len(token_ids)} tokens do not fit the KV cache ({capacity} tokens)")
+        if len(token_ids) + 1 > self.kv_cache.capacity_tokens:
+            raise ValueError(f"prompt: {len(token_ids)} tokens do not fit the KV cache "
+                             f"({self.kv_cache.capacity_tokens} tokens)")
+        vocab_size = self.model.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+            bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})")
 
     def abort(self, request_id: str) -> None:
         request = self.requests.get(request_id)
@@ -94,29 +112,36 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def routing_stats(self) -> RoutingStats:
+        """What a request router needs of this engine; safe to call from another thread while it steps."""
+        scheduler = self.scheduler
+        return RoutingStats(kv_block_hashes=self.kv_cache.pool.cached_hashes(),
+                            num_requests=len(scheduler.running) + len(scheduler.waiting),
+                            num_free_blocks=self.kv_cache.num_free_blocks)
+
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        step = self.runner.execute(out, {s.request.request_id: self.kv_cache.block_ids(s.request.request_id)
-                                         for s in out.scheduled})
-        for request_id, (start, logprobs) in step.prompt_logprobs.items():
-            # by position: a preempted request recomputes its prompt and must not count it twice
-            self.requests[request_id].prompt_logprobs[start:] = logprobs
-        sampling = [s.request for s in out.scheduled if s.completes_sequence]
-        sampled = self.sampler(step.sample_logits, sampling)
+        logits = self.runner.execute(out)
+        sampled = self.sampler(logits.sample_logits, out.sampling_requests)
         self.scheduler.commit(out)
-        outputs = [self._update(request, token) for request, token in zip(sampling, sampled)]
-        self._record_step()
+        self._store_prompt_logprobs(logits.prompt_logprobs)
+        outputs = [self._update(request, token) for request, token in zip(out.sampling_requests, sampled)]
+        self.metrics.on_step(self._step_stats())
         return outputs
 
-    def _record_step(self) -> None:
-        stats, scheduler = self.kv_cache.stats, self.scheduler
-        now = (stats.queried_tokens, stats.hit_tokens, scheduler.num_preemptions)
-        deltas = [a - b for a, b in zip(now, self._counted)]
-        self._counted = now
-        self.metrics.on_step(len(scheduler.running), len(scheduler.waiting), self.kv_cache.usage, *deltas)
+    def _store_prompt_logprobs(self, computed: dict[str, tuple[int, list[PromptLogprob]]]) -> None:
+        for request_id, (start, logprobs) in computed.items():
+            # by position: a preempted request recomputes its prompt and must not count it twice
+            self.requests[request_id].prompt_logprobs[start:] = logprobs
+
+    def _step_stats(self) -> StepStats:
+        prefix, scheduler = self.kv_cache.stats, self.scheduler
+        return StepStats(num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+                         kv_usage=self.kv_cache.usage, prefix_queried_tokens=prefix.queried_tokens,
+                         prefix_hit_tokens=prefix.hit_tokens, num_preemptions=scheduler.num_preemptions)
 
     def _update(self, request: Request, token: SampledToken) -> RequestOutput:
         request.token_ids.append(token.token_id)
@@ -130,11 +155,13 @@ class LLMEngine:
         reason = Status.FINISHED_STOP if detokenizer.stopped else self._finish_reason(request, token.token_id)
         if reason is not None:
             self._finish(request, reason)
-        return RequestOutput(request.request_id, [token.token_id], reason is not None,
-                             reason.value if reason else None, request.output_token_ids, request.output_logprobs,
-                             detokenizer.take_new_text(finished=reason is not None), detokenizer.text,
-                             request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
-                             request.num_cached_tokens)
+        finished = reason is not None
+        return RequestOutput(
+            request_id=request.request_id, new_token_ids=[token.token_id], finished=finished,
+            finish_reason=reason.value if finished else None, token_ids=request.output_token_ids,
+            logprobs=request.output_logprobs, new_text=detokenizer.take_new_text(finished=finished),
+            text=detokenizer.text, num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None else None)
 
     def _finish(self, request: Request, status: Status) -> None:
         self.scheduler.finish(request, status)
@@ -156,16 +183,15 @@ class LLMEngine:
 
     # -- synchronous use, for jobs -------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
-        token_lists = [self.tokenize(p) for p in prompts]
-        for token_ids in token_lists:  # all or nothing: no half of a batch left queued
-            self.check_prompt(token_ids)
-        ids = [self.add_request(t, params) for t in token_lists]
+        requests = [self.new_request(prompt, params) for prompt in prompts]  # all or nothing: none queued
+        for request in requests:                                               # before every one is checked
+            self.add(request)
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for output in self.step():
                 if output.finished:
                     final[output.request_id] = output
-        return [final[i] for i in ids]
+        return [final[request.request_id] for request in requests]
 
 
-__all__ = ["LLMEngine", "RequestOutput"]
+__all__ = ["LLMEngine", "RequestOutput", "RoutingStats"]

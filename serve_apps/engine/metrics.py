@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from cluster import metrics as names
 from cluster.metrics import MetricSpec
@@ -47,11 +48,23 @@ class RayMetricsSink:
             metric.set(value, tags=self.tags)
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """The engine after a step: its queues and cache now, and its counters since it started."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+
+
 class EngineMetrics:
     def __init__(self, sink=None):
         self.sink = sink or InMemorySink()
         self._last_token_time: dict[str, float] = {}
-        self._prefix_queried = self._prefix_hits = 0
+        self._reported = StepStats(0, 0, 0.0, 0, 0, 0)  # the counters as last recorded
 
     def on_token(self, request: Request, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -75,15 +88,14 @@ class EngineMetrics:
         self._last_token_time.pop(request.request_id, None)
         self.sink.record(names.REQUESTS_ABORTED, 1)
 
-    def on_step(self, num_running: int, num_waiting: int, kv_usage: float, new_queried: int, new_hits: int,
-                new_preemptions: int) -> None:
-        self.sink.record(names.REQUESTS_RUNNING, num_running)
-        self.sink.record(names.REQUESTS_WAITING, num_waiting)
-        self.sink.record(names.KV_CACHE_USAGE, kv_usage)
-        self.sink.record(names.PREFIX_CACHE_QUERIES, new_queried)
-        self.sink.record(names.PREFIX_CACHE_HITS, new_hits)
-        self._prefix_queried += new_queried
-        self._prefix_hits += new_hits
-        if self._prefix_queried:
-            self.sink.record(names.PREFIX_CACHE_HIT_RATE, self._prefix_hits / self._prefix_queried)
-        self.sink.record(names.PREEMPTIONS, new_preemptions)
+    def on_step(self, stats: StepStats) -> None:
+        self.sink.record(names.REQUESTS_RUNNING, stats.num_running)
+        self.sink.record(names.REQUESTS_WAITING, stats.num_waiting)
+        self.sink.record(names.KV_CACHE_USAGE, stats.kv_usage)
+        # Counters are recorded as increments: what was added since the last step.
+        last, self._reported = self._reported, stats
+        self.sink.record(names.PREFIX_CACHE_QUERIES, stats.prefix_queried_tokens - last.prefix_queried_tokens)
+        self.sink.record(names.PREFIX_CACHE_HITS, stats.prefix_hit_tokens - last.prefix_hit_tokens)
+        self.sink.record(names.PREEMPTIONS, stats.num_preemptions - last.num_preemptions)
+        if stats.prefix_queried_tokens:
+            self.sink.record(names.PREFIX_CACHE_HIT_RATE, stats.prefix_hit_tokens / stats.prefix_queried_tokens)

@@ -85,7 +85,7 @@ class ModelRunner:
         if next(model.parameters()).device.type == "cpu":
             native_ops()  # build or load the C++ kernels now, while the replica starts, not in its first request
 
-    def _prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]):
+    def _prepare(self, out: SchedulerOutput):
         """Flat inputs for the step, computed with whole-array operations: no Python per token."""
         items = out.scheduled
         query_lens = [item.num_new_tokens for item in items]
@@ -93,7 +93,7 @@ class ModelRunner:
         input_ids: list[int] = []
         for item in items:
             input_ids += item.request.token_ids[item.start : item.start + item.num_new_tokens]
-        tables = [block_ids[item.request.request_id] for item in items]
+        tables = [item.block_ids for item in items]
         block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int64)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = table
@@ -108,10 +108,10 @@ class ModelRunner:
         return torch.tensor(input_ids, dtype=torch.long), torch.from_numpy(positions), batch
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepLogits:
+    def execute(self, out: SchedulerOutput) -> StepLogits:
         """Logits at the last token of each request that samples this step, and the prompt
         logprobs of requests that asked for them."""
-        input_ids, positions, batch = self._prepare(out, block_ids)
+        input_ids, positions, batch = self._prepare(out)
         hidden = self.model(input_ids, positions, batch, self.kv_caches)
         ends = torch.tensor(batch.query_lens).cumsum(0)
         samples = torch.tensor([item.completes_sequence for item in out.scheduled])

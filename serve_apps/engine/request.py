@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from serve_apps.engine.block_hash import BlockHash
 from serve_apps.engine.sampling_params import SamplingParams
 
 
@@ -33,6 +34,7 @@ class Request:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held when first scheduled
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of its leading full blocks, each hashed once
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     output_logprobs: list = field(default_factory=list)  # one SampledToken per output token

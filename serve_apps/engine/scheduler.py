@@ -17,21 +17,24 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve_apps.engine.kv_cache_manager import KVCacheManager
+from serve_apps.engine.kv_cache_manager import NO_PREFIX, KVCacheManager
 from serve_apps.engine.request import Request, Status
 
 
 @dataclass(frozen=True)
 class Scheduled:
+    """One request's share of a step: what the model computes for it, and where its KV lives."""
+
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens when scheduled: this step computes token_ids[start:start+n]
     completes_sequence: bool  # every token computed after this step: the next one is sampled
+    block_ids: list[int]  # the request's block table, covering token_ids[:start+n]
 
     @classmethod
-    def of(cls, request: Request, num_new_tokens: int) -> "Scheduled":
+    def of(cls, request: Request, num_new_tokens: int, block_ids: list[int]) -> Scheduled:
         start = request.num_computed_tokens
-        return cls(request, num_new_tokens, start, start + num_new_tokens == len(request.token_ids))
+        return cls(request, num_new_tokens, start, start + num_new_tokens == len(request.token_ids), block_ids)
 
 
 @dataclass
@@ -42,6 +45,11 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def sampling_requests(self) -> list[Request]:
+        """The requests whose next token this step samples, in batch order."""
+        return [s.request for s in self.scheduled if s.completes_sequence]
 
 
 class Scheduler:
@@ -72,7 +80,7 @@ class Scheduler:
             request = self.running[index]
             num_new = min(request.num_uncomputed_tokens, budget)
             if self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
-                out.scheduled.append(Scheduled.of(request, num_new))
+                out.scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
                 index += 1
             else:
@@ -86,20 +94,26 @@ class Scheduler:
             request = self.waiting[0]
             # Prompt logprobs need every prompt position computed, so such requests skip the cache.
             wants_prompt_logprobs = request.params.prompt_logprobs is not None
-            hits = [] if wants_prompt_logprobs else self.kv.find_cached_prefix(request.token_ids)
-            num_cached = len(hits) * self.kv.block_size
-            num_new = min(len(request.token_ids) - num_cached, budget)
-            if not self.kv.allocate(request.request_id, num_cached + num_new, hits):
+            prefix = NO_PREFIX if wants_prompt_logprobs else self.kv.find_cached_prefix(request)
+            num_new = min(len(request.token_ids) - prefix.num_tokens, budget)
+            if not self.kv.allocate(request.request_id, prefix.num_tokens + num_new, prefix):
                 return  # FCFS: nobody overtakes the head of the queue
-            self.kv.record_prefix_lookup(len(request.token_ids), num_cached)
-            request.num_computed_tokens = num_cached
-            request.status = Status.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-                request.num_cached_tokens = num_cached
+            self.kv.record_prefix_lookup(len(request.token_ids), prefix.num_tokens)
+            self._start(request, prefix.num_tokens)
             self.running.append(self.waiting.popleft())
-            out.scheduled.append(Scheduled.of(request, num_new))
+            out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+
+    @staticmethod
+    def _start(request: Request, num_cached_tokens: int) -> None:
+        request.num_computed_tokens = num_cached_tokens
+        request.status = Status.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+            request.num_cached_tokens = num_cached_tokens
+
+    def _scheduled(self, request: Request, num_new_tokens: int) -> Scheduled:
+        return Scheduled.of(request, num_new_tokens, self.kv.block_ids(request.request_id))
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)
@@ -114,7 +128,7 @@ class Scheduler:
         for item in out.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+            self.kv.cache_full_blocks(request)
 
     def finish(self, request: Request, status: Status) -> None:
         """End a request (done or aborted), wherever it is, and free its blocks."""
