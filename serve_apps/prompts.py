@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from cluster.store import fetch
 from serve_apps.engine.config import encode_prompt
 
 
 class PromptBuilder:
     def __init__(self, model: str):
+        # transformers' tokenizer classes import torch (through its configuration module): imported
+        # here, in the ingress replica, so that importing the ingress or the app builder does not.
+        from transformers import AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(Path(fetch(model, "models")))
 
     def completion(self, prompt: str | list[int]) -> list[int]:
@@ -22,3 +24,6 @@ class PromptBuilder:
             raise ValueError("messages: this model has no chat template; use /v1/completions")
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)

@@ -128,6 +128,13 @@ def test_completion_whole_and_streamed_agree(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_without_max_tokens_a_completion_runs_to_the_end_of_the_context(client):
+    out = client.completions.create(model="tiny", prompt="Hello there", temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == 64  # the tiny model's context
+
+
 def test_chat_whole_and_streamed_agree_and_n_choices(client):
     messages = [{"role": "user", "content": "Say something."}]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
