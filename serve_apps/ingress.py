@@ -1,32 +1,34 @@
 """The OpenAI-compatible HTTP front door: FastAPI routes that turn each request into token ids and
 one SamplingParams per choice, fan it out to an LLMServer deployment (one stream per choice) and
 assemble the replies, streamed as OpenAI sends them (SSE `data:` chunks, optional usage,
-`data: [DONE]`) or whole.
+`data: [DONE]`) or whole. Every error it answers is OpenAI's error JSON.
 
 (No `from __future__ import annotations` here: FastAPI reads the route signatures' types. And
 Ingress comes last: serve.ingress freezes the app, with the globals its routes see, at once.)
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from serve_apps.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from serve_apps.chunks import Chunk
 from serve_apps.engine.sampling_params import SamplingParams
+from serve_apps.openai_errors import OpenAIError, add_error_handlers, failure, overloaded
 from serve_apps.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_logprobs,
     completion_logprobs,
-    error_body,
     new_id,
     now,
     usage,
@@ -36,37 +38,15 @@ from serve_apps.prompts import PromptBuilder
 api = FastAPI(title="rayfoundry OpenAI-compatible API")
 api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
 api.add_middleware(BodyLimit, limit_of=lambda: api.state.max_body_bytes)
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def _error(status: int, message: str, kind: str, param: str | None = None):
-    return JSONResponse(error_body(message, kind, status, param), status_code=status)
-
-
-@api.exception_handler(OpenAIError)
-async def _openai_error(_, error: OpenAIError):
-    return _error(error.status, error.message, error.kind, error.param)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_, error: RequestValidationError):
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        return _error(400, f"request body is not valid JSON ({detail})".replace(" ()", ""), "invalid_request_error")
-    param = ".".join(str(p) for p in first["loc"][1:]) or None
-    return _error(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request_error", param)
+add_error_handlers(api)
+logger = logging.getLogger("ray.serve")
 
 
 def _cancel(streams) -> None:
     """Stop choices already started when another one fails: nobody would read them."""
     for stream in streams:
-        stream.cancel()
+        with contextlib.suppress(Exception):  # one that never started: Serve's cancel re-raises why
+            stream.cancel()
 
 
 def _message(error: Exception) -> str:
@@ -137,8 +117,12 @@ def _replica_header(replica: str) -> dict:
 
 def _sse(events: AsyncIterator[dict], replica: str) -> StreamingResponse:
     async def body():
-        async for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as error:  # the 200 has gone out: the error goes in the stream, as OpenAI sends it
+            logger.exception("a streamed request failed")
+            yield f"data: {json.dumps(failure(error).body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=_replica_header(replica))
@@ -244,14 +228,13 @@ class Ingress:
         return self.prompts[model]
 
     def _token_ids(self, body) -> list[int]:
-        """The prompt as the engine reads it."""
+        """The prompt as the engine reads it; a mistake in it is a 400 naming the field."""
         prompts = self._prompts(body.model)
+        is_chat = isinstance(body, ChatCompletionRequest)
         try:
-            if isinstance(body, ChatCompletionRequest):
-                return prompts.chat(body.messages)
-            return prompts.completion(body.prompt)
+            return prompts.chat(body.messages) if is_chat else prompts.completion(body.prompt)
         except ValueError as error:
-            raise OpenAIError(400, _message(error)) from error
+            raise OpenAIError(400, _message(error), param="messages" if is_chat else "prompt") from error
 
     async def _choices(self, body, token_ids: list[int], echo: str | None = None) -> Choices:
         """One stream per choice, each already started, so bad input and overload fail here.
@@ -268,9 +251,10 @@ class Ingress:
         except ValueError as error:  # a prompt the engine refuses: too long for the context or the cache
             _cancel(streams)
             raise OpenAIError(400, _message(error)) from error
+        except BackPressureError as error:
+            _cancel(streams)
+            raise overloaded(error) from error
         except BaseException:
-            # Including a full queue (BackPressureError): Serve answers that one itself, with the
-            # deployment's backpressure_config (429 + Retry-After, see serve_apps/app.py).
             _cancel(streams)
             raise
         if echo is not None:

@@ -15,9 +15,14 @@ class PromptBuilder:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(Path(fetch(model, "models")))
+        self.vocab_size = len(self.tokenizer)
 
     def completion(self, prompt: str | list[int]) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+        token_ids = encode_prompt(self.tokenizer, prompt)
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})")
+        return token_ids
 
     def chat(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
