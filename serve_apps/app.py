@@ -69,8 +69,8 @@ class ServeAppConfig(StrictConfig):
 def _deployment_options(model: ModelConfig) -> dict:
     options = {"name": f"LLMServer:{model.model_id}", "max_ongoing_requests": model.max_ongoing_requests,
                "max_queued_requests": model.max_queued_requests,
-               # A full queue raises in the ingress's handle and Serve answers it there itself (the
-               # ingress cannot turn it into OpenAI JSON): make that a 429 with Retry-After.
+               # A full queue raises BackPressureError in the ingress's handle, with this status and
+               # Retry-After, which the ingress answers in OpenAI's error JSON.
                "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
                "ray_actor_options": {"num_cpus": model.num_cpus_per_replica},
                "health_check_period_s": 10, "graceful_shutdown_timeout_s": 30}

@@ -1,8 +1,14 @@
 """A request-body size limit for the OpenAI ingress, as plain ASGI middleware.
 
-A declared Content-Length over the limit is refused before anything is read. A body sent without
-one (chunked) is read here as it arrives, at most up to the limit, then handed on; past the limit it
-is refused without being buffered whole. Refusals are 413 with OpenAI's error JSON.
+A declared Content-Length over the limit is refused without handing the body on. A body sent
+without one (chunked) is read here as it arrives, at most up to the limit, then handed on; past the
+limit it is refused without being buffered whole. Refusals are 413 with OpenAI's error JSON.
+
+A refused body is still read, and dropped, before the 413 goes out (up to MAX_DRAINED_BYTES). The
+server closes the connection after its answer when the client asked it to (`Connection: close`, as
+urllib sends), and closing with request bytes still arriving resets the connection (TCP RST): a
+client still sending its body then gets the reset instead of the 413 (most of eight concurrent 10 MB
+uploads through Serve's proxy did).
 """
 from __future__ import annotations
 
@@ -11,6 +17,16 @@ import json
 from serve_apps.openai_protocol import error_body
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+MAX_DRAINED_BYTES = 64 * 2**20  # past this, the 413 goes out at once, reset or not
+
+
+async def _drain(receive, num_bytes: int) -> None:
+    """Read and drop the rest of the body, up to `num_bytes`."""
+    while num_bytes > 0:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        num_bytes -= len(message.get("body", b""))
 
 
 async def _refuse(send, limit: int) -> None:
@@ -22,7 +38,7 @@ async def _refuse(send, limit: int) -> None:
 
 
 async def _read_within(receive, limit: int) -> list[dict] | None:
-    """The body's messages, or None once more than `limit` bytes have arrived."""
+    """The body's messages, or None once more than `limit` bytes have arrived (the rest drained)."""
     messages, size = [], 0
     while True:
         message = await receive()
@@ -30,9 +46,12 @@ async def _read_within(receive, limit: int) -> list[dict] | None:
         if message["type"] != "http.request":
             return messages  # the client went away: let the app see it
         size += len(message.get("body", b""))
+        more_body = message.get("more_body", False)
         if size > limit:
+            if more_body:
+                await _drain(receive, MAX_DRAINED_BYTES)
             return None
-        if not message.get("more_body", False):
+        if not more_body:
             return messages
 
 
@@ -48,6 +67,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > limit:
+                await _drain(receive, MAX_DRAINED_BYTES)
                 return await _refuse(send, limit)
             return await self.app(scope, receive, send)  # the server delivers no more than declared
         messages = await _read_within(receive, limit)

@@ -1,29 +1,34 @@
-"""The OpenAI-compatible HTTP front door: FastAPI routes that fan each request out to an
-LLMServer deployment (one stream per choice) and assemble the replies, streamed as OpenAI
-sends them (SSE `data:` chunks, optional usage, `data: [DONE]`) or whole.
+"""The OpenAI-compatible HTTP front door: FastAPI routes that turn each request into token ids and
+one SamplingParams per choice, fan it out to an LLMServer deployment (one stream per choice) and
+assemble the replies, streamed as OpenAI sends them (SSE `data:` chunks, optional usage,
+`data: [DONE]`) or whole. Every error it answers is OpenAI's error JSON.
 
 (No `from __future__ import annotations` here: FastAPI reads the route signatures' types. And
 Ingress comes last: serve.ingress freezes the app, with the globals its routes see, at once.)
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from serve_apps.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from serve_apps.chunks import Chunk
+from serve_apps.engine.sampling_params import SamplingParams
+from serve_apps.openai_errors import OpenAIError, add_error_handlers, failure, overloaded
 from serve_apps.openai_protocol import (
     ChatCompletionRequest,
-    Chunk,
     CompletionRequest,
     chat_logprobs,
     completion_logprobs,
-    error_body,
     new_id,
     now,
     usage,
@@ -33,43 +38,35 @@ from serve_apps.prompts import PromptBuilder
 api = FastAPI(title="rayfoundry OpenAI-compatible API")
 api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
 api.add_middleware(BodyLimit, limit_of=lambda: api.state.max_body_bytes)
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def _error(status: int, message: str, kind: str, param: str | None = None):
-    return JSONResponse(error_body(message, kind, status, param), status_code=status)
-
-
-@api.exception_handler(OpenAIError)
-async def _openai_error(_, error: OpenAIError):
-    return _error(error.status, error.message, error.kind, error.param)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_, error: RequestValidationError):
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        return _error(400, f"request body is not valid JSON ({detail})".replace(" ()", ""), "invalid_request_error")
-    param = ".".join(str(p) for p in first["loc"][1:]) or None
-    return _error(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request_error", param)
+add_error_handlers(api)
+logger = logging.getLogger("ray.serve")
 
 
 def _cancel(streams) -> None:
     """Stop choices already started when another one fails: nobody would read them."""
     for stream in streams:
-        stream.cancel()
+        with contextlib.suppress(Exception):  # one that never started: Serve's cancel re-raises why
+            stream.cancel()
 
 
 def _message(error: Exception) -> str:
     """The user's mistake in one line, not a replica's traceback."""
     cause = getattr(error, "cause", None) or error
     return " ".join(str(cause).split())
+
+
+def _sampling_params(body) -> list[SamplingParams]:
+    """One per choice, built once here: the replicas receive them as they are."""
+    try:
+        return [body.sampling_params(choice) for choice in range(body.n)]
+    except ValueError as error:
+        raise OpenAIError(400, _message(error)) from error
+
+
+def _echoed(first: Chunk, prompt_text: str) -> Chunk:
+    """With echo, the prompt's text (and its logprobs, when asked) lead a choice's first chunk."""
+    return dataclasses.replace(first, text=prompt_text + first.text,
+                               logprobs=(first.prompt_logprobs or []) + first.logprobs)
 
 
 async def _prepend(first: Chunk, rest) -> AsyncIterator[Chunk]:
@@ -120,8 +117,12 @@ def _replica_header(replica: str) -> dict:
 
 def _sse(events: AsyncIterator[dict], replica: str) -> StreamingResponse:
     async def body():
-        async for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as error:  # the 200 has gone out: the error goes in the stream, as OpenAI sends it
+            logger.exception("a streamed request failed")
+            yield f"data: {json.dumps(failure(error).body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=_replica_header(replica))
@@ -144,38 +145,26 @@ class _Totals:
         return usage(self.prompt, sum(self.completion), self.cached)
 
 
-def _echo(chunk: Chunk, body) -> tuple[str, list]:
-    """With echo, the prompt's text (and its logprobs) lead the first chunk of each choice."""
-    if chunk.prompt_text is None:
-        return "", []
-    return chunk.prompt_text, (chunk.prompt_logprobs or []) if body.logprobs is not None else []
-
-
 async def _stream_completion(meta: dict, choices, body: CompletionRequest) -> AsyncIterator[dict]:
     totals, offsets = _Totals(body.n), [0] * body.n
     async for index, chunk in _merge(choices):
         totals.add(index, chunk)
-        prefix, prefix_logprobs = _echo(chunk, body)
-        text = prefix + chunk.text
-        logprobs = None
-        if body.logprobs is not None:
-            logprobs = completion_logprobs(prefix_logprobs + chunk.logprobs, offsets[index])
-        offsets[index] += len(text)
-        yield {**meta, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+        logprobs = completion_logprobs(chunk.logprobs, offsets[index]) if body.logprobs is not None else None
+        offsets[index] += len(chunk.text)
+        yield {**meta, "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
                                     "finish_reason": chunk.finish_reason}]}
     if body.include_usage:
         yield {**meta, "choices": [], "usage": totals.usage()}
 
 
 async def _collect(choices, body) -> tuple[list[str], list[list], list[str | None], _Totals]:
-    """Each choice's whole text, logprob entries (with echo: the prompt's first) and finish reason."""
+    """Each choice's whole text, logprob entries and finish reason."""
     texts, entries = [""] * body.n, [[] for _ in range(body.n)]
     reasons, totals = [None] * body.n, _Totals(body.n)
     async for index, chunk in _merge(choices):
         totals.add(index, chunk)
-        prefix, prefix_logprobs = _echo(chunk, body)
-        texts[index] += prefix + chunk.text
-        entries[index] += prefix_logprobs + chunk.logprobs
+        texts[index] += chunk.text
+        entries[index] += chunk.logprobs
         reasons[index] = chunk.finish_reason or reasons[index]
     return texts, entries, reasons, totals
 
@@ -232,38 +221,44 @@ class Ingress:
         if not header.startswith("Bearer ") or header.removeprefix("Bearer ") not in self.api_keys:
             raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
 
-    def _server(self, model: str):
-        if model not in self.servers:
+    def _prompts(self, model: str) -> PromptBuilder:
+        if model not in self.prompts:
             raise OpenAIError(404, f"model {model!r} is not served here; see GET /v1/models", "not_found_error",
                               "model")
-        return self.servers[model]
+        return self.prompts[model]
 
-    async def _choices(self, body, echo: bool = False) -> Choices:
-        """One stream per choice, each already started, so bad input and overload fail here."""
-        server = self._server(body.model).options(stream=True)
-        prompts = self.prompts[body.model]
+    def _token_ids(self, body) -> list[int]:
+        """The prompt as the engine reads it; a mistake in it is a 400 naming the field."""
+        prompts = self._prompts(body.model)
+        is_chat = isinstance(body, ChatCompletionRequest)
         try:
-            body.sampling_params(0, 1, None)  # the same checks the engine makes, before any work
-            if isinstance(body, ChatCompletionRequest):
-                token_ids = prompts.chat(body.messages)
-            else:
-                token_ids = prompts.completion(body.prompt)
+            return prompts.chat(body.messages) if is_chat else prompts.completion(body.prompt)
         except ValueError as error:
-            raise OpenAIError(400, _message(error)) from error
-        streams, firsts = [], []
+            raise OpenAIError(400, _message(error), param="messages" if is_chat else "prompt") from error
+
+    async def _choices(self, body, token_ids: list[int], echo: str | None = None) -> Choices:
+        """One stream per choice, each already started, so bad input and overload fail here.
+        `echo`: text to lead each choice with (the prompt, for a completion that echoes it)."""
+        params = _sampling_params(body)
+        server = self.servers[body.model].options(stream=True)
+        client_prompt = body.messages if isinstance(body, ChatCompletionRequest) else body.prompt
+        streams = []
         try:
-            for i in range(body.n):
-                streams.append(server.generate.remote(body, i, token_ids, echo))
-            for stream in streams:
-                firsts.append(await stream.__anext__())
-        except ValueError as error:  # bad prompt: too long for the context or the cache
+            for choice_params in params:  # by keyword: request routers read the arguments by name
+                streams.append(server.generate.remote(token_ids=token_ids, params=choice_params,
+                                                      client_prompt=client_prompt))
+            firsts = [await stream.__anext__() for stream in streams]
+        except ValueError as error:  # a prompt the engine refuses: too long for the context or the cache
             _cancel(streams)
             raise OpenAIError(400, _message(error)) from error
+        except BackPressureError as error:
+            _cancel(streams)
+            raise overloaded(error) from error
         except BaseException:
-            # Including a full queue (BackPressureError): Serve answers that one itself, with the
-            # deployment's backpressure_config (429 + Retry-After, see serve_apps/app.py).
             _cancel(streams)
             raise
+        if echo is not None:
+            firsts = [_echoed(first, echo) for first in firsts]
         return Choices([_prepend(first, stream) for first, stream in zip(firsts, streams)], firsts[0].replica)
 
     # -- routes -----------------------------------------------------------------------------
@@ -280,7 +275,9 @@ class Ingress:
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._authorize(request)
-        choices = await self._choices(body, echo=body.echo)
+        token_ids = self._token_ids(body)
+        echo = self.prompts[body.model].decode(token_ids) if body.echo else None
+        choices = await self._choices(body, token_ids, echo)
         meta = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model}
         if body.stream:
             return _sse(_stream_completion(meta, choices, body), choices.replica)
@@ -289,9 +286,7 @@ class Ingress:
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self._authorize(request)
-        if body.max_completion_tokens and not body.max_tokens:
-            body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-        choices = await self._choices(body)
+        choices = await self._choices(body, self._token_ids(body))
         meta = {"id": new_id("chatcmpl"), "created": now(), "model": body.model}
         if body.stream:
             return _sse(_stream_chat(meta, choices, body), choices.replica)

@@ -1,18 +1,18 @@
 """The OpenAI HTTP API's request bodies (validated, unknown fields rejected) and response shapes.
 
-Requests map onto the engine's SamplingParams; responses are built from the per-choice chunks
-an LLMServer streams (see serve_apps/llm_server.py), so streaming and non-streaming replies
-are the same data assembled two ways.
+Requests map onto the engine's SamplingParams, one per choice; responses are built from the
+per-choice chunks an LLMServer streams (serve_apps/chunks.py), so streaming and non-streaming
+replies are the same data assembled two ways.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from serve_apps.chunks import TokenLogprob
 from serve_apps.engine.sampling_params import SamplingParams
 
 
@@ -43,15 +43,30 @@ class _Sampling(_Body):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
 
-    def sampling_params(self, choice: int, default_max_tokens: int, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, choice: int) -> SamplingParams:
+        """What the engine generates choice `choice` with; raises ValueError for settings it refuses."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            max_tokens=self.max_new_tokens,  # None: to the end of the model's context
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + choice,  # n choices, n different draws
-            stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            stop=stop, ignore_eos=self.ignore_eos,
+            logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per generated token; None: no logprobs."""
+        raise NotImplementedError
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -62,6 +77,14 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None  # echoed prompt tokens come with theirs
 
 
 class ChatMessage(_Body):
@@ -82,27 +105,13 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens or self.max_completion_tokens
 
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float | None  # None: the first prompt token, which nothing predicts
-    top: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Chunk:
-    """What an LLMServer streams for one choice: new text since the last chunk, and its tokens."""
-
-    text: str
-    num_prompt_tokens: int
-    num_output_tokens: int
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None  # once, on the first chunk, when asked (echo)
-    prompt_text: str | None = None  # once, on the first chunk, with echo
-    replica: str = ""  # the Serve replica that generated it (X-Rayfoundry-Replica)
-    num_cached_tokens: int = 0  # prompt tokens the replica's prefix cache held
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def new_id(prefix: str) -> str:

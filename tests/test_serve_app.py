@@ -7,6 +7,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 
 import pytest
 
@@ -59,11 +60,7 @@ def _post(url: str, body: dict, key: str | None = API_KEY, headers_out: list | N
     with response:
         if headers_out is not None:
             headers_out.append({name.lower(): value for name, value in response.headers.items()})
-        text = response.read()
-        try:
-            return response.status, json.loads(text)
-        except json.JSONDecodeError:  # Serve's own plain-text answers (429 on a full queue)
-            return response.status, {"text": text.decode()}
+        return response.status, json.loads(response.read())
 
 
 def test_kv_aware_router_keeps_each_prefix_on_one_replica(served):
@@ -103,7 +100,7 @@ def test_overload_gets_429_and_loses_no_accepted_request(served):
         if code == 200:
             assert reply["usage"]["completion_tokens"] == 40
         else:
-            assert "backpressure" in reply["text"]
+            assert reply["error"]["code"] == 429 and "backpressure" in reply["error"]["message"]
     assert _post(f"{served}/v1/completions", body)[0] == 200  # healthy afterwards
     stats = serve.get_deployment_handle("LLMServer:tight", app_name="llm").record_routing_stats.remote().result()
     assert stats["num_requests"] == 0 and stats["num_free_blocks"] == 64
@@ -126,6 +123,13 @@ def test_completion_whole_and_streamed_agree(client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_without_max_tokens_a_completion_runs_to_the_end_of_the_context(client):
+    out = client.completions.create(model="tiny", prompt="Hello there", temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == 64  # the tiny model's context
 
 
 def test_chat_whole_and_streamed_agree_and_n_choices(client):
@@ -163,60 +167,101 @@ def test_logprobs_and_echo(client):
     assert len(entries) == 2 and all(len(e.top_logprobs) == 3 for e in entries)
 
 
-def _post_raw(url: str, data: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
-    """(status, JSON body). A server may answer a body it refuses before it has all of it and close
-    the connection; the answer is read even when sending the rest fails."""
+def _send_raw(base: str, request_line: str, data: bytes, key: str | None = API_KEY) -> tuple[int, dict, Message]:
+    """(status, JSON body, headers) of "METHOD /path" with `data` as its body. A server may answer a
+    body it refuses before it has all of it and close the connection; the answer is read even when
+    sending the rest fails."""
     import http.client
 
-    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    method, path = request_line.split()
+    host, port = base.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     try:
-        connection.request("POST", "/" + url.split("/", 3)[3], data, headers)
+        connection.request(method, path, data, headers)
     except (BrokenPipeError, ConnectionResetError):
         pass
     response = connection.getresponse()
-    return response.status, json.loads(response.read())
+    return response.status, json.loads(response.read()), response.headers
 
 
 def _json(body: dict) -> bytes:
     return json.dumps(body).encode()
 
 
-# Every bad request a user can send, one row each: (endpoint, body, API key, status, param named).
+COMPLETIONS, CHAT = "POST /v1/completions", "POST /v1/chat/completions"
+# Every bad request a user can send, one row each: (request line, body, API key, status, param named).
 BAD_REQUESTS = {
-    "malformed JSON": ("completions", b'{"model": "tiny", "prompt": ', API_KEY, 400, None),
-    "wrong type (max_tokens)": ("completions", _json({"model": "tiny", "prompt": "x", "max_tokens": "many"}),
+    "malformed JSON": (COMPLETIONS, b'{"model": "tiny", "prompt": ', API_KEY, 400, None),
+    "body not UTF-8": (COMPLETIONS, b'{"model": "tiny", "prompt": "\xff\xfe"}', API_KEY, 400, None),
+    "JSON nested too deeply": (COMPLETIONS, b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                               API_KEY, 400, None),
+    "body not an object": (COMPLETIONS, b'["tiny", "x"]', API_KEY, 400, None),
+    "no body": (COMPLETIONS, b"", API_KEY, 400, None),
+    "wrong type (max_tokens)": (COMPLETIONS, _json({"model": "tiny", "prompt": "x", "max_tokens": "many"}),
                                 API_KEY, 400, "max_tokens"),
-    "wrong type (messages)": ("chat/completions", _json({"model": "tiny", "messages": "hi"}), API_KEY, 400,
-                              "messages"),
-    "unknown model": ("completions", _json({"model": "nope", "prompt": "x"}), API_KEY, 404, "model"),
-    "negative max_tokens": ("completions", _json({"model": "tiny", "prompt": "x", "max_tokens": -5}), API_KEY, 400,
+    "wrong type (messages)": (CHAT, _json({"model": "tiny", "messages": "hi"}), API_KEY, 400, "messages"),
+    "unknown model": (COMPLETIONS, _json({"model": "nope", "prompt": "x"}), API_KEY, 404, "model"),
+    "unknown path": ("POST /v1/nope", _json({"model": "tiny", "prompt": "x"}), API_KEY, 404, None),
+    "wrong method": ("GET /v1/completions", b"", API_KEY, 405, None),
+    "negative max_tokens": (COMPLETIONS, _json({"model": "tiny", "prompt": "x", "max_tokens": -5}), API_KEY, 400,
                             "max_tokens"),
-    "prompt over the context": ("completions", _json({"model": "tiny", "prompt": "word " * 200}), API_KEY, 400,
+    "prompt over the context": (COMPLETIONS, _json({"model": "tiny", "prompt": "word " * 200}), API_KEY, 400,
                                 None),  # the tiny model's context is 64 tokens
-    "n = 0": ("completions", _json({"model": "tiny", "prompt": "x", "n": 0}), API_KEY, 400, "n"),
-    "10 MB body": ("completions", _json({"model": "tiny", "prompt": "a" * 10_000_000}), API_KEY, 413, None),
-    "bad API key": ("completions", _json({"model": "tiny", "prompt": "x"}), "wrong-key", 401, None),
-    "no API key": ("chat/completions", _json({"model": "tiny", "messages": [{"role": "user", "content": "x"}]}),
-                   None, 401, None),
-    "negative temperature": ("completions", _json({"model": "tiny", "prompt": "x", "temperature": -1}), API_KEY,
+    "token id past the vocabulary": (COMPLETIONS, _json({"model": "tiny", "prompt": [1, 2, 10_000_000]}), API_KEY,
+                                     400, "prompt"),
+    "negative token id": (COMPLETIONS, _json({"model": "tiny", "prompt": [5, -1]}), API_KEY, 400, "prompt"),
+    "n = 0": (COMPLETIONS, _json({"model": "tiny", "prompt": "x", "n": 0}), API_KEY, 400, "n"),
+    "10 MB body": (COMPLETIONS, _json({"model": "tiny", "prompt": "a" * 10_000_000}), API_KEY, 413, None),
+    "bad API key": (COMPLETIONS, _json({"model": "tiny", "prompt": "x"}), "wrong-key", 401, None),
+    "no API key": (CHAT, _json({"model": "tiny", "messages": [{"role": "user", "content": "x"}]}), None, 401, None),
+    "negative temperature": (COMPLETIONS, _json({"model": "tiny", "prompt": "x", "temperature": -1}), API_KEY,
                              400, "temperature"),
-    "unknown field": ("completions", _json({"model": "tiny", "prompt": "x", "frobnicate": 1}), API_KEY, 400,
+    "unknown field": (COMPLETIONS, _json({"model": "tiny", "prompt": "x", "frobnicate": 1}), API_KEY, 400,
                       "frobnicate"),
-    "top_k 0": ("completions", _json({"model": "tiny", "prompt": "x", "top_k": 0}), API_KEY, 400, None),
-    "no messages": ("chat/completions", _json({"model": "tiny", "messages": []}), API_KEY, 400, "messages"),
+    "top_k 0": (COMPLETIONS, _json({"model": "tiny", "prompt": "x", "top_k": 0}), API_KEY, 400, None),
+    "no messages": (CHAT, _json({"model": "tiny", "messages": []}), API_KEY, 400, "messages"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_requests_get_openai_errors(served, case):
-    endpoint, data, key, status, param = BAD_REQUESTS[case]
-    code, reply = _post_raw(f"{served}/v1/{endpoint}", data, key)
+    request_line, data, key, status, param = BAD_REQUESTS[case]
+    code, reply, _ = _send_raw(served, request_line, data, key)
     assert code == status, reply
     assert reply["error"]["code"] == status and reply["error"]["message"] and reply["error"]["type"]
     if param:
         assert reply["error"]["param"] == param
+
+
+def test_a_bad_request_does_not_disturb_the_others(served):
+    """Token ids past the vocabulary are refused in the ingress: the replica's engine never sees them,
+    and requests in flight alongside (and after) complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = {"model": "tiny", "prompt": "Tell me a story", "max_tokens": 20, "ignore_eos": True}
+    bad = {"model": "tiny", "prompt": [1, 2, 10_000_000], "max_tokens": 20}
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda body: _post(f"{served}/v1/completions", body), [good, bad, good, bad, good]))
+    assert [code for code, _ in results] == [200, 400, 200, 400, 200]
+    assert _post(f"{served}/v1/completions", good)[0] == 200
+
+
+def test_a_wrong_method_names_the_allowed_one(served):
+    code, reply, headers = _send_raw(served, "GET /v1/chat/completions", b"")
+    assert code == 405 and headers["Allow"] == "POST" and "POST" in reply["error"]["message"]
+
+
+def test_a_refused_body_gets_its_413_while_the_client_still_sends(served):
+    """urllib asks the server to close the connection after its answer (`Connection: close`). A 413
+    sent before the body was read, then that close, reset most of eight concurrent 10 MB uploads:
+    closing a connection with unread bytes resets it, and the client lost the answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": "tiny", "prompt": "a" * 10_000_000}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: _post(f"{served}/v1/completions", body), range(16)))
+    assert all(code == 413 and reply["error"]["code"] == 413 for code, reply in results)
 
 
 def test_a_large_body_without_a_length_is_cut_off_as_it_arrives(served):

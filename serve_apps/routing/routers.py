@@ -3,14 +3,17 @@
 - round_robin: each request to the next replica in turn, blind to load and caches.
 - pow2: Serve's default, the less loaded of two random replicas.
 - ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter (a character prefix tree of prompts),
-  with two guards (see RayPrefixRouter).
+  adapted to our calls and with two guards (see RayPrefixRouter).
 - kv_aware: ours, the replica whose prefix cache holds the longest prefix of the prompt's blocks
   (the engine's own block hashes) unless load is too uneven (serve_apps/routing/kv_aware_state.py).
 
-Routers run in the caller's process (the ingress replica); async code here never blocks.
+Routers run in the caller's process (the ingress replica); async code here never blocks. They read
+a request's arguments by name, as the ingress passes them: LLMServer.generate(token_ids=...,
+params=..., client_prompt=...).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -30,7 +33,24 @@ ROUTERS = {
     "ray_prefix": "serve_apps.routing.routers:RayPrefixRouter",
     "kv_aware": "serve_apps.routing.routers:KVAwareRouter",
 }
-TOKEN_IDS_ARG = 2  # LLMServer.generate(request, choice, token_ids, echo)
+
+
+def prompt_token_ids(pending_request: PendingRequest | None) -> list[int]:
+    """The prompt's token ids; none for calls that are not a generation (routing stats, health)."""
+    return [] if pending_request is None else pending_request.kwargs.get("token_ids", [])
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClientPrompt:
+    prompt: str | list  # Ray's router reads `.prompt`: text, or chat messages (it joins their contents)
+
+
+def as_ray_llm_request(pending_request: PendingRequest) -> PendingRequest:
+    """The request as Ray Serve LLM makes it, for Ray's router: the client's prompt in an argument
+    with `.prompt` (Ray Serve LLM passes the HTTP body; ours arrives by keyword, `client_prompt`).
+    A call that is not a generation has an empty one."""
+    client_prompt = pending_request.kwargs.get("client_prompt", "")
+    return dataclasses.replace(pending_request, args=[_ClientPrompt(client_prompt)])
 
 
 # FIFOMixin: a request's choices share one internal request id, so pending requests must be
@@ -47,22 +67,27 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
 
 
 class RayPrefixRouter(FIFOMixin, PrefixCacheAffinityRouter):
-    """PrefixCacheAffinityRouter as Ray ships it, but FIFO (as above) and never stuck on a prompt
-    without text (token ids, or empty): it divides by the text's length, and the error leaves the
-    request pending forever. Those go by power of two choices."""
+    """PrefixCacheAffinityRouter as Ray ships it, routing by the text of the client's prompt: it is
+    shown each request as Ray Serve LLM makes it (as_ray_llm_request). Also FIFO (as above), and
+    never stuck on a prompt without text (token ids, or empty): it divides by the text's length, and
+    the error leaves the request pending forever. Those go by power of two choices."""
 
-    def _has_text(self, pending_request: PendingRequest | None) -> bool:
-        return pending_request is not None and bool(self._extract_text_from_request(pending_request))
+    def _has_text(self, request: PendingRequest) -> bool:
+        return bool(self._extract_text_from_request(request))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        if pending_request is not None and not self._has_text(pending_request):
+        if pending_request is None:
+            return await super().choose_replicas(candidate_replicas)
+        request = as_ray_llm_request(pending_request)
+        if not self._has_text(request):
             return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
-        return await super().choose_replicas(candidate_replicas, pending_request)
+        return await super().choose_replicas(candidate_replicas, request)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
-        if self._has_text(pending_request):
-            super().on_request_routed(pending_request, replica_id, result)
+        request = as_ray_llm_request(pending_request)
+        if self._has_text(request):
+            super().on_request_routed(request, replica_id, result)
 
 
 class KVAwareRouter(FIFOMixin, RequestRouter):
@@ -85,9 +110,7 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
                 self._applied_stats[key] = stats
 
     def _prompt_hashes(self, pending_request: PendingRequest | None) -> list[int]:
-        if pending_request is None or len(pending_request.args) <= TOKEN_IDS_ARG:
-            return []
-        return hash_full_blocks(pending_request.args[TOKEN_IDS_ARG], self.block_size)
+        return hash_full_blocks(prompt_token_ids(pending_request), self.block_size)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -107,9 +130,7 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         tags = {"model": self._model, "replica": replica}
         names.increment(self._metrics[names.ROUTER_MATCHED_TOKENS.name],
                         self.state.matched_blocks(replica, hashes) * self.block_size, tags)
-        if pending_request is not None and len(pending_request.args) > TOKEN_IDS_ARG:
-            names.increment(self._metrics[names.ROUTER_PROMPT_TOKENS.name],
-                            len(pending_request.args[TOKEN_IDS_ARG]), tags)
+        names.increment(self._metrics[names.ROUTER_PROMPT_TOKENS.name], len(prompt_token_ids(pending_request)), tags)
         self._in_flight[replica] += 1
         self.state.record_routed(replica, hashes)
 
