@@ -33,6 +33,9 @@ CHECKPOINT_VERSION = 1
 
 class CompressedLinear(nn.Module):
     FORMAT: ClassVar[str]
+    # Buffers holding one slice per output row (the bias is one too): layers of one format that
+    # agree in everything else fuse by concatenating them. Empty: the format cannot fuse.
+    ROW_BUFFERS: ClassVar[tuple[str, ...]] = ()
     in_features: int
     out_features: int
 
@@ -67,9 +70,32 @@ class CompressedLinear(nn.Module):
 
     @classmethod
     def concat_rows(cls, layers: list[CompressedLinear]) -> CompressedLinear | None:
-        """One layer computing the given layers' outputs side by side (for fused q/k/v, gate/up),
-        or None when this format cannot fuse them."""
-        return None
+        """One layer computing the given layers' outputs side by side (for fused q/k/v, gate/up), or
+        None when they cannot be one: the format cannot fuse, or the layers' arguments differ."""
+        args = layers[0].format_args()
+        if not cls.ROW_BUFFERS or any(layer.format_args() != args for layer in layers):
+            return None
+        merged = cls._concat_states([layer.state_dict() for layer in layers])
+        return None if merged is None else cls.from_state(merged, args)
+
+    @classmethod
+    def _concat_states(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """Row buffers concatenated, every other buffer shared; None when the states do not fit
+        together (a buffer only some have, rows of other widths, a shared buffer that differs)."""
+        if any(state.keys() != states[0].keys() for state in states):
+            return None
+        merged = {}
+        for key in states[0]:
+            tensors = [state[key] for state in states]
+            if key in (*cls.ROW_BUFFERS, "bias"):
+                if len({t.shape[1:] for t in tensors}) > 1:
+                    return None  # other inputs, or other groups of inputs
+                merged[key] = torch.cat(tensors)
+            elif all(torch.equal(t, tensors[0]) for t in tensors):
+                merged[key] = tensors[0]
+            else:
+                return None
+        return merged
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

@@ -32,6 +32,7 @@ def test_a_low_rank_layer_is_the_truncated_svd():
     error = torch.linalg.matrix_norm(layer.dense_weight() - linear.weight.detach(), ord=2)
     assert error.item() == pytest.approx(0.5, rel=1e-4)  # Eckart-Young: the first dropped singular value
     assert torch.allclose(LowRankLinear.from_linear(linear, 4).dense_weight(), linear.weight, atol=1e-5)
+    assert LowRankLinear.concat_rows([layer, layer]) is None  # a format without row buffers does not fuse
     rebuilt = compressed_from_state("low_rank", layer.state_dict(), layer.format_args())
     assert torch.equal(rebuilt(x), layer(x))
 
