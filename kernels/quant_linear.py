@@ -103,13 +103,13 @@ class WeightOnlyLinear(CompressedLinear):
 class Int8WeightOnlyLinear(WeightOnlyLinear):
     """codes: int8 [out, in]."""
 
-    FORMAT, bits, codes_dtype, native_op = "int8_weight_only", 8, torch.int8, "int8_linear"
+    bits, codes_dtype, native_op = 8, torch.int8, "int8_linear"
 
 
 class Int4WeightOnlyLinear(WeightOnlyLinear):
     """codes: signed 4-bit, packed two per byte, uint8 [out, in / 2]."""
 
-    FORMAT, bits, codes_dtype, native_op = "int4_weight_only", 4, torch.uint8, "int4_linear"
+    bits, codes_dtype, native_op = 4, torch.uint8, "int4_linear"
 
     @classmethod
     def _store(cls, codes: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,6 @@ class _DecompressedOnce(CompressedLinear):
 
 
 class SparseLinear(_DecompressedOnce):
-    FORMAT = "sparse"
     ROW_BUFFERS = ("mask", "values")  # values: the kept weights row after row
 
     def __init__(self, mask: torch.Tensor, values: torch.Tensor, in_features: int, bias: torch.Tensor | None = None):
@@ -76,7 +75,6 @@ class SparseLinear(_DecompressedOnce):
 
 
 class SemiStructuredLinear(_DecompressedOnce):
-    FORMAT = "sparse_2of4"
     ROW_BUFFERS = ("values", "positions")
 
     def __init__(self, values: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None = None):

@@ -36,7 +36,6 @@ def _int_mm_works(x: torch.Tensor) -> bool:
 
 
 class W8A8Linear(CompressedLinear):
-    FORMAT = "w8a8"
     ROW_BUFFERS = ("codes", "scale")  # input_scale, when there is one, is shared
     WEIGHT_SPEC = QuantSpec(8, True, "channel")  # one symmetric scale per output row
 

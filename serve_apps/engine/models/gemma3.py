@@ -18,6 +18,7 @@ from torch import nn
 from kernels.fused_layers import gelu_tanh_and_mul, rotary
 from kernels.paged_attention import paged_attention, write_kv_cache
 from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM, RMSNorm, Rotary, rope_theta
+from serve_apps.engine.models.weights import fused_linear
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
@@ -28,7 +29,8 @@ class Gemma3Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.qkv_proj = fused_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                                     config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -52,7 +54,7 @@ class Gemma3MLP(nn.Module):
         super().__init__()
         if config.hidden_activation != "gelu_pytorch_tanh":
             raise NotImplementedError(f"hidden_activation {config.hidden_activation!r} is not supported")
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.gate_up_proj = fused_linear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):

@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels.fused_layers import add_rms_norm, rms_norm, silu_and_mul
 from kernels.paged_attention import paged_attention, rotary_and_cache
+from serve_apps.engine.models.weights import WeightLoader, fused_linear
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.qkv_proj = fused_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
@@ -82,7 +83,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.gate_up_proj = fused_linear(config.hidden_size, [self.intermediate, self.intermediate], bias=False)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x):
@@ -119,10 +120,6 @@ def rope_theta(config, params: dict | None = None) -> float:
 
 
 class LlamaForCausalLM(nn.Module):
-    # Hugging Face checkpoint names that land in one of our fused matrices, and which slice.
-    FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -147,49 +144,19 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], installed: set[str] = frozenset()) -> None:
-        """Copy Hugging Face tensors into our parameters; `installed`: modules already put in place
-        whole (compressed layers), whose parameters the checkpoint does not list."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = set()
-        for hf_name, tensor in weights:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | nn.Module]]) -> None:
+        """Our weights from a checkpoint's (kernels.checkpoint.read_weights): plain tensors and
+        compressed layers, under Hugging Face's names."""
+        loader = WeightLoader(self)
+        for hf_name, weight in weights:
             name = hf_name.removeprefix("model.")
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            module, _, leaf = name.rpartition(".")
-            parent, _, proj = module.rpartition(".")
-            tensor = self.checkpoint_tensor(name, tensor)
-            if proj in self.FUSED:
-                fused, index = self.FUSED[proj]
-                target = params[f"{parent}.{fused}.{leaf}"]
-                sizes = self._fused_sizes(fused, target.shape[0])
-                start = sum(sizes[:index])
-                target.data[start : start + sizes[index]].copy_(tensor)
-                loaded.add(f"{parent}.{fused}.{leaf}#{index}")
-            else:
-                params[name].data.copy_(tensor)
-                loaded.add(name)
-        self._check_all_loaded(loaded, installed)
+            if isinstance(weight, nn.Module):
+                loader.load_layer(name, weight)
+            elif not (self.config.tie_word_embeddings and name == "lm_head.weight"):
+                loader.load_tensor(name, self.checkpoint_tensor(name, weight))
+        loader.finish()
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A checkpoint tensor as our parameter `name` holds it (models that store weights
         differently from Hugging Face convert here)."""
         return tensor
-
-    def _fused_sizes(self, fused: str, total: int) -> list[int]:
-        if fused == "gate_up_proj":
-            return [total // 2, total // 2]
-        attn = self.layers[0].self_attn
-        return [attn.q_size, attn.kv_size, attn.kv_size]
-
-    def _check_all_loaded(self, loaded: set[str], installed: set[str]) -> None:
-        missing = []
-        for name, _ in self.named_parameters():
-            if any(name.startswith(module + ".") for module in installed):
-                continue
-            proj = name.rsplit(".", 2)[-2]
-            parts = 3 if proj == "qkv_proj" else 2 if proj == "gate_up_proj" else 0
-            keys = [f"{name}#{i}" for i in range(parts)] if parts else [name]
-            missing += [k for k in keys if k not in loaded]
-        if missing:
-            raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:5])}")
