@@ -9,7 +9,7 @@ import torch
 from kernels.cpu_ops import native_ops
 from kernels.memory import zeros_on_huge_pages
 from kernels.paged_attention import kv_cache_shapes
-from serve_apps.engine.models.llama import AttentionBatch
+from serve_apps.engine.models.llama import AttentionBatch, attention_head_dim
 from serve_apps.engine.scheduler import SchedulerOutput
 
 
@@ -32,7 +32,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = attention_head_dim(config)
         dtype = next(model.parameters()).dtype
         k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, config.num_key_value_heads, head_dim)
         self.kv_caches = [(zeros_on_huge_pages(k_shape, dtype), zeros_on_huge_pages(v_shape, dtype))

@@ -6,7 +6,7 @@ matmul each: on a CPU, fewer larger matmuls run measurably faster than many smal
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,19 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def input_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's opening: (norm(residual + x), residual + x), the add fused into the norm;
+    the first layer, with no residual stream yet, starts it at x."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
+
+
+def attention_head_dim(config) -> int:
+    """The config's head_dim, or hidden_size / heads where it gives none (older Llama configs)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class Rotary(nn.Module):
     """Rotary position embedding, rotate-half convention (as Hugging Face's Llama)."""
 
@@ -66,7 +79,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = attention_head_dim(config)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = fused_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
@@ -80,14 +93,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    """down(act(gate) * up), gate and up in one matmul; `act_and_mul` (kernels.fused_layers) takes
+    their fused output."""
+
+    def __init__(self, config, act_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul):
         super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = fused_linear(config.hidden_size, [self.intermediate, self.intermediate], bias=False)
-        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+        inter = config.intermediate_size
+        self.gate_up_proj = fused_linear(config.hidden_size, [inter, inter], bias=False)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+        self.act_and_mul = act_and_mul
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -101,10 +118,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, angles, batch, kv_cache):
         """Pre-norm residual block, with each residual add fused into the norm after it:
         takes and returns (sublayer output, residual stream); the first layer gets residual None."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = input_norm(self.input_layernorm, x, residual)
         x = self.self_attn(x, angles, batch, kv_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
@@ -124,8 +138,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary = Rotary(head_dim, rope_theta(config), config.max_position_embeddings)
+        self.rotary = Rotary(attention_head_dim(config), rope_theta(config), config.max_position_embeddings)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -9,7 +9,7 @@ from transformers import AutoConfig
 from kernels.checkpoint import read_weights
 from kernels.cpu_linear import prepack_linears
 from serve_apps.engine.models.gemma3 import Gemma3ForCausalLM
-from serve_apps.engine.models.llama import LlamaForCausalLM
+from serve_apps.engine.models.llama import LlamaForCausalLM, attention_head_dim
 
 ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
                  "gemma3_text": Gemma3ForCausalLM}
@@ -31,6 +31,5 @@ def load_model(path: Path, dtype: torch.dtype, prepack: bool = False) -> torch.n
 
 
 def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * attention_head_dim(config)
     return per_token * block_size * torch.finfo(dtype).bits // 8
