@@ -1,47 +1,27 @@
-"""The contract every compressed linear layer keeps, and the registry checkpoints load them from.
+"""The contract every compressed linear layer keeps, and fusing such layers by rows.
 
 A compressed layer stands in for an nn.Linear: same in/out features, same outputs up to the
-compression's error. Its state is a handful of named tensors (buffers, so `state_dict()` is the
-checkpoint's content) plus a few JSON-able arguments (`format_args`); `FORMAT` names the class in a
-checkpoint, and `from_state(tensors, args)` rebuilds it exactly. `reference(x)` is the torch
-reference every fast path is tested against; `dense_weight()` decompresses to a plain [out, in]
-float32 matrix, for exporting a plain Hugging Face folder.
-
-A compressed checkpoint is a Hugging Face folder with COMPRESSION_FILE beside its safetensors (see
-jobs/compress/checkpoint.py, which writes it); `read_checkpoint` splits its tensors into the rebuilt
-compressed layers and the plain tensors, for whichever model (transformers', the engine's) loads them.
+compression's error. Its state is a handful of named tensors (buffers, so `state_dict()` is what a
+checkpoint stores) plus a few JSON-able arguments (`format_args`); `from_state(tensors, args)`
+rebuilds it exactly. `reference(x)` is the torch reference every fast path is tested against;
+`dense_weight()` decompresses to a plain [out, in] float32 matrix, for exporting a plain Hugging
+Face folder. kernels/checkpoint.py names the formats and stores them.
 """
 from __future__ import annotations
 
-import importlib
-import json
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
 import torch.nn.functional as F
 from torch import nn
 
-FORMATS: dict[str, type[CompressedLinear]] = {}
-# The modules defining compressed layers; each registers its classes when imported.
-LAYER_MODULES = ("kernels.quant_linear", "kernels.w8a8_linear", "kernels.low_rank", "kernels.sparse_linear")
-COMPRESSION_FILE = "compression.json"
-WEIGHTS_FILE = "model.safetensors"
-CHECKPOINT_VERSION = 1
-
 
 class CompressedLinear(nn.Module):
-    FORMAT: ClassVar[str]
+    # Buffers holding one slice per output row (the bias is one too): layers of one format that
+    # agree in everything else fuse by concatenating them. Empty: the format cannot fuse.
+    ROW_BUFFERS: ClassVar[tuple[str, ...]] = ()
     in_features: int
     out_features: int
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "FORMAT" in cls.__dict__:
-            if cls.FORMAT in FORMATS:
-                raise TypeError(f"compressed format {cls.FORMAT!r} is registered twice")
-            FORMATS[cls.FORMAT] = cls
 
     def _set_bias(self, bias: torch.Tensor | None) -> None:
         # A buffer, not a parameter: the layer is inference-only and its state is all buffers.
@@ -67,44 +47,35 @@ class CompressedLinear(nn.Module):
 
     @classmethod
     def concat_rows(cls, layers: list[CompressedLinear]) -> CompressedLinear | None:
-        """One layer computing the given layers' outputs side by side (for fused q/k/v, gate/up),
-        or None when this format cannot fuse them."""
-        return None
+        """One layer computing the given layers' outputs side by side (for fused q/k/v, gate/up), or
+        None when they cannot be one: the format cannot fuse, or the layers' arguments differ."""
+        args = layers[0].format_args()
+        if not cls.ROW_BUFFERS or any(layer.format_args() != args for layer in layers):
+            return None
+        merged = cls._concat_states([layer.state_dict() for layer in layers])
+        return None if merged is None else cls.from_state(merged, args)
+
+    @classmethod
+    def _concat_states(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """Row buffers concatenated, every other buffer shared; None when the states do not fit
+        together (a buffer only some have, rows of other widths, a shared buffer that differs)."""
+        if any(state.keys() != states[0].keys() for state in states):
+            return None
+        merged = {}
+        for key in states[0]:
+            tensors = [state[key] for state in states]
+            if key in (*cls.ROW_BUFFERS, "bias"):
+                if len({t.shape[1:] for t in tensors}) > 1:
+                    return None  # other inputs, or other groups of inputs
+                merged[key] = torch.cat(tensors)
+            elif all(torch.equal(t, tensors[0]) for t in tensors):
+                merged[key] = tensors[0]
+            else:
+                return None
+        return merged
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
-
-def compressed_from_state(fmt: str, tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> CompressedLinear:
-    for module in LAYER_MODULES:
-        importlib.import_module(module)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown compressed format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
-    return FORMATS[fmt].from_state(tensors, args)
-
-
-def is_compressed_checkpoint(path: Path) -> bool:
-    return (Path(path) / COMPRESSION_FILE).is_file()
-
-
-def read_manifest(path: Path) -> dict:
-    manifest = json.loads((Path(path) / COMPRESSION_FILE).read_text())
-    if manifest.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: compressed checkpoint version {manifest.get('version')} is not {CHECKPOINT_VERSION}")
-    return manifest
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, CompressedLinear], dict[str, torch.Tensor]]:
-    """(compressed layers by module name, the remaining plain tensors by name) of a compressed checkpoint."""
-    tensors = load_file(Path(path) / WEIGHTS_FILE)
-    layers = {}
-    for name, entry in read_manifest(path)["modules"].items():
-        prefix = name + "."
-        own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
-        if not own:
-            raise ValueError(f"{path}: no tensors for compressed module {name}")
-        layers[name] = compressed_from_state(entry["format"], own, entry["args"])
-    return layers, tensors
 
 
 class StackedLinear(nn.Module):

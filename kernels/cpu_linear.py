@@ -68,27 +68,23 @@ class PrepackedLinear(nn.Module):
         self.route_few_rows("plain")
 
     def route_few_rows(self, path: str, fewest_packed_rows: int | None = None) -> None:
-        """Send products of fewer than `fewest_packed_rows` rows (default: 1 for "packed", which
-        then takes every row count, else FEWEST_PACKED_ROWS) down `path`, one of FEW_ROWS_PATHS."""
+        """Send products of fewer than `fewest_packed_rows` rows (default FEWEST_PACKED_ROWS) down
+        `path`, one of FEW_ROWS_PATHS; "packed" takes every row count, so its threshold is 1."""
         if path not in FEW_ROWS_PATHS:
             raise ValueError(f"few-rows path {path!r}: choose one of {', '.join(FEW_ROWS_PATHS)}")
         self.few_rows_path = path
-        self.fewest_packed_rows = fewest_packed_rows or (1 if path == "packed" else FEWEST_PACKED_ROWS)
-        self._few_rows_forward = getattr(self, f"{path}_forward")  # looked up once, not per call
+        self.fewest_packed_rows = 1 if path == "packed" else fewest_packed_rows or FEWEST_PACKED_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows >= self.fewest_packed_rows:
             return self.packed_forward(x)
-        return self._few_rows_forward(x)
+        return F.linear(x, self.weight, self.bias)  # MKL's gemv on the plain weight
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         out = self._packed_product(x.reshape(rows, x.shape[-1]), None if self.bias is None else self.bias.detach())
         return out.view(*x.shape[:-1], self.out_features)
-
-    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
     def _panels_product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.stride(-1) != 1:
@@ -100,12 +96,15 @@ class PrepackedLinear(nn.Module):
 
 
 def _one_pass_seconds(layers: list[PrepackedLinear], inputs: dict[int, torch.Tensor], path: str) -> float:
-    """Best of three passes of one row through every layer: the weights stream from memory, as in decode."""
+    """Best of three passes of one row through every layer, routed down `path`: the weights stream
+    from memory, as in decode."""
+    for layer in layers:
+        layer.route_few_rows(path)
     best = float("inf")
     for _ in range(4):  # the first pass warms up
         start = time.perf_counter()
         for layer in layers:
-            getattr(layer, f"{path}_forward")(inputs[layer.in_features])
+            layer(inputs[layer.in_features])
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -12,8 +12,6 @@ from kernels.compressed import CompressedLinear
 
 
 class LowRankLinear(CompressedLinear):
-    FORMAT = "low_rank"
-
     def __init__(self, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:

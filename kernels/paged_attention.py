@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kernels.cpu_ops import native_ops
 from kernels.fused_layers import rotary
+from kernels.ragged_batch import token_layout
 
 
 def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -69,18 +70,6 @@ def _gather_values(v_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Te
     _, heads, block_size, dim = v_cache.shape
     gathered = v_cache.index_select(0, block_table.flatten()).view(batch, width, heads, block_size, dim)
     return gathered.transpose(1, 2).reshape(batch, heads, width * block_size, dim)
-
-
-def token_layout(query_lens: list[int], context_lens: list[int],
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query row of a ragged batch: its sequence, and how many cached tokens it sees. A chunk's
-    rows are the last query_len tokens of its context, so row j of n sees context - n + j + 1."""
-    lens = torch.tensor(query_lens, device=device)
-    token_seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device), lens)
-    first = torch.tensor(context_lens, device=device) - lens
-    starts = torch.cumsum(lens, 0) - lens
-    token_visible = first[token_seq] + torch.arange(int(lens.sum()), device=device) - starts[token_seq] + 1
-    return token_seq, token_visible
 
 
 def _visible(key_positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -26,11 +26,16 @@ NATIVE_MAX_ROWS = 64
 class WeightOnlyLinear(CompressedLinear):
     """y = x @ (codes * scale)^T + bias; `codes` as the subclass stores them, scale [out, groups]."""
 
+    ROW_BUFFERS = ("codes", "scale")
     bits: ClassVar[int]
+    codes_dtype: ClassVar[torch.dtype]
     native_op: ClassVar[str]
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        if codes.dtype != self.codes_dtype or codes.dim() != 2:
+            raise ValueError(f"{type(self).__name__} codes must be 2-D {self.codes_dtype}, got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
         self.out_features, self.in_features = codes.shape[0], self._in_features(codes)
         if scale.dim() != 2 or scale.shape[0] != self.out_features or self.in_features % scale.shape[1]:
             raise ValueError(f"scale {tuple(scale.shape)} does not fit codes {tuple(codes.shape)}")
@@ -74,13 +79,6 @@ class WeightOnlyLinear(CompressedLinear):
     def dense_weight(self) -> torch.Tensor:
         return dequantize(self.qtensor())
 
-    @classmethod
-    def concat_rows(cls, layers: list[CompressedLinear]) -> WeightOnlyLinear | None:
-        if len({(layer.in_features, layer.scale.shape[1], layer.bias is None) for layer in layers}) != 1:
-            return None  # different group sizes cannot share one scale layout
-        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-        return cls(torch.cat([layer.codes for layer in layers]), torch.cat([layer.scale for layer in layers]), bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
@@ -105,23 +103,13 @@ class WeightOnlyLinear(CompressedLinear):
 class Int8WeightOnlyLinear(WeightOnlyLinear):
     """codes: int8 [out, in]."""
 
-    FORMAT, bits, native_op = "int8_weight_only", 8, "int8_linear"
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-        if codes.dtype != torch.int8 or codes.dim() != 2:
-            raise ValueError(f"codes must be 2-D int8, got {codes.dtype} {tuple(codes.shape)}")
-        super().__init__(codes, scale, bias)
+    bits, codes_dtype, native_op = 8, torch.int8, "int8_linear"
 
 
 class Int4WeightOnlyLinear(WeightOnlyLinear):
     """codes: signed 4-bit, packed two per byte, uint8 [out, in / 2]."""
 
-    FORMAT, bits, native_op = "int4_weight_only", 4, "int4_linear"
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-        if codes.dtype != torch.uint8 or codes.dim() != 2:
-            raise ValueError(f"packed codes must be 2-D uint8, got {codes.dtype} {tuple(codes.shape)}")
-        super().__init__(codes, scale, bias)
+    bits, codes_dtype, native_op = 4, torch.uint8, "int4_linear"
 
     @classmethod
     def _store(cls, codes: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class _DecompressedOnce(CompressedLinear):
 
 
 class SparseLinear(_DecompressedOnce):
-    FORMAT = "sparse"
+    ROW_BUFFERS = ("mask", "values")  # values: the kept weights row after row
 
     def __init__(self, mask: torch.Tensor, values: torch.Tensor, in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
@@ -73,17 +73,9 @@ class SparseLinear(_DecompressedOnce):
         weight[unpack_bits(self.mask, self.in_features)] = self.values
         return weight
 
-    @classmethod
-    def concat_rows(cls, layers: list[CompressedLinear]) -> SparseLinear | None:
-        if len({(layer.in_features, layer.bias is None) for layer in layers}) != 1:
-            return None
-        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-        return cls(torch.cat([layer.mask for layer in layers]), torch.cat([layer.values for layer in layers]),
-                   layers[0].in_features, bias)
-
 
 class SemiStructuredLinear(_DecompressedOnce):
-    FORMAT = "sparse_2of4"
+    ROW_BUFFERS = ("values", "positions")
 
     def __init__(self, values: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -118,11 +110,3 @@ class SemiStructuredLinear(_DecompressedOnce):
         groups = torch.zeros(self.out_features, self.in_features // 4, 4, device=self.values.device)
         groups.scatter_(-1, keep, self.values.view(self.out_features, -1, 2))
         return groups.view(self.out_features, self.in_features)
-
-    @classmethod
-    def concat_rows(cls, layers: list[CompressedLinear]) -> SemiStructuredLinear | None:
-        if len({(layer.in_features, layer.bias is None) for layer in layers}) != 1:
-            return None
-        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-        return cls(torch.cat([layer.values for layer in layers]), torch.cat([layer.positions for layer in layers]),
-                   bias)

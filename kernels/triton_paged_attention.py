@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import token_layout
+from kernels.ragged_batch import token_layout
 
 
 @triton.jit

@@ -36,7 +36,7 @@ def _int_mm_works(x: torch.Tensor) -> bool:
 
 
 class W8A8Linear(CompressedLinear):
-    FORMAT = "w8a8"
+    ROW_BUFFERS = ("codes", "scale")  # input_scale, when there is one, is shared
     WEIGHT_SPEC = QuantSpec(8, True, "channel")  # one symmetric scale per output row
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -77,15 +77,6 @@ class W8A8Linear(CompressedLinear):
             return self.reference(x)
         codes, x_scale = quantize_activations(x.reshape(-1, self.in_features), self.input_scale)
         return self._finish(torch._int_mm(codes, self.codes.T), x_scale, x.shape, x.dtype)
-
-    @classmethod
-    def concat_rows(cls, layers: list[CompressedLinear]) -> W8A8Linear | None:
-        scales = {None if layer.input_scale is None else layer.input_scale.item() for layer in layers}
-        if len(scales) != 1 or len({layer.bias is None for layer in layers}) != 1:
-            return None  # one activation quantization for all parts, or none
-        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-        return cls(torch.cat([layer.codes for layer in layers]), torch.cat([layer.scale for layer in layers]), bias,
-                   layers[0].input_scale)
 
     def extra_repr(self) -> str:
         mode = "dynamic" if self.input_scale is None else f"static {self.input_scale.item():.3g}"

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from jobs.compress.recipe import Recipe
 from jobs.compress.svd import SVDConfig, rank_for_energy
-from kernels.compressed import compressed_from_state
+from kernels.checkpoint import format_entry, layer_from_entry
 from kernels.low_rank import LowRankLinear
 
 
@@ -32,7 +32,9 @@ def test_a_low_rank_layer_is_the_truncated_svd():
     error = torch.linalg.matrix_norm(layer.dense_weight() - linear.weight.detach(), ord=2)
     assert error.item() == pytest.approx(0.5, rel=1e-4)  # Eckart-Young: the first dropped singular value
     assert torch.allclose(LowRankLinear.from_linear(linear, 4).dense_weight(), linear.weight, atol=1e-5)
-    rebuilt = compressed_from_state("low_rank", layer.state_dict(), layer.format_args())
+    assert LowRankLinear.concat_rows([layer, layer]) is None  # a format without row buffers does not fuse
+    assert format_entry(layer) == {"format": "low_rank", "args": {}}
+    rebuilt = layer_from_entry(format_entry(layer), layer.state_dict())
     assert torch.equal(rebuilt(x), layer(x))
 
 

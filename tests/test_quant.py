@@ -83,3 +83,14 @@ def test_weight_only_linears_refuse_mismatched_inputs():
         Int8WeightOnlyLinear(torch.zeros(4, 30, dtype=torch.int8), torch.ones(4, 4))
     with pytest.raises(ValueError, match="uint8"):
         Int4WeightOnlyLinear(torch.zeros(4, 30, dtype=torch.int8), torch.ones(4, 1))
+
+
+def test_weight_only_layers_fuse_by_rows_only_with_one_group_size_and_bias():
+    parts = [Int4WeightOnlyLinear.from_linear(nn.Linear(64, n), 32) for n in (8, 4)]
+    fused = Int4WeightOnlyLinear.concat_rows(parts)
+    assert torch.equal(fused.dense_weight(), torch.cat([p.dense_weight() for p in parts]))
+    assert torch.equal(fused.bias, torch.cat([p.bias for p in parts]))
+    other_groups = Int4WeightOnlyLinear.from_linear(nn.Linear(64, 4), 16)
+    no_bias = Int4WeightOnlyLinear.from_linear(nn.Linear(64, 4, bias=False), 32)
+    assert Int4WeightOnlyLinear.concat_rows([parts[0], other_groups]) is None
+    assert Int4WeightOnlyLinear.concat_rows([parts[0], no_bias]) is None

@@ -5,7 +5,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from jobs.compress.prune import MagnitudeConfig
-from kernels.compressed import compressed_from_state
+from kernels.checkpoint import format_entry, layer_from_entry
 from kernels.sparse_linear import SemiStructuredLinear, SparseLinear, pack_bits, unpack_bits
 
 
@@ -42,7 +42,7 @@ def test_a_sparse_layer_is_the_pruned_linear(layer_class, two_of_four, bias):
     dense_bytes = 40 * 12 * 4
     weight_bytes = layer.num_bytes() - (48 if bias else 0)
     assert weight_bytes < 0.6 * dense_bytes
-    rebuilt = compressed_from_state(layer.FORMAT, layer.state_dict(), layer.format_args())
+    rebuilt = layer_from_entry(format_entry(layer), layer.state_dict())
     assert torch.equal(rebuilt.dense_weight(), layer.dense_weight())
 
 

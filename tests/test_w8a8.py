@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from jobs.compress.calibration import InputStats, collect
 from jobs.compress.recipe import Recipe
 from jobs.compress.w8a8 import W8A8Config, minmax_scale, percentile_scale
-from kernels.compressed import compressed_from_state
+from kernels.checkpoint import format_entry, layer_from_entry
 from kernels.quant import log_dequantize, log_quantize
 from kernels.w8a8_linear import W8A8Linear
 
@@ -28,7 +28,7 @@ def test_w8a8_matches_its_reference_and_the_float_layer(rows, static, bias):
 
 def test_state_round_trip_and_fused_rows_are_exact():
     parts = [W8A8Linear.from_linear(nn.Linear(64, n)) for n in (8, 4)]
-    rebuilt = compressed_from_state("w8a8", parts[0].state_dict(), parts[0].format_args())
+    rebuilt = layer_from_entry(format_entry(parts[0]), parts[0].state_dict())
     x = torch.randn(3, 64)
     assert torch.equal(rebuilt(x), parts[0](x))
     fused = W8A8Linear.concat_rows(parts)

@@ -21,6 +21,7 @@ from torch import nn
 
 from jobs.compress.calibration import InputStats
 from jobs.compress.step import Step
+from serve_apps.engine.models.llama import attention_head_dim
 
 
 def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -75,7 +76,7 @@ class StructuredConfig(Step):
 
     def _prune_heads(self, model: nn.Module, stats: dict[str, InputStats]) -> list[str]:
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = attention_head_dim(config)
         group = config.num_attention_heads // config.num_key_value_heads
         drop = round(self.fraction * config.num_key_value_heads)
         changed = []

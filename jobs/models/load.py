@@ -10,8 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from cluster.errors import UserError
 from cluster.store import Artifact, Store, materialize, open_artifact
-from jobs.compress.checkpoint import load_compressed
-from kernels.compressed import is_compressed_checkpoint
+from kernels.checkpoint import is_compressed_checkpoint, read_weights
 
 
 def open_model(ref: str, store: Store | None = None) -> Artifact:
@@ -39,8 +38,27 @@ def load_tokenizer(path: Path):
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A transformers model; a compressed checkpoint comes with its compressed layers in place."""
     if is_compressed_checkpoint(path):
-        return load_compressed(path, dtype)
+        return _load_compressed(path, dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def _load_compressed(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors, layers = {}, set()
+    for name, weight in read_weights(path):
+        if isinstance(weight, torch.Tensor):
+            tensors[name] = weight
+        else:
+            model.set_submodule(name, weight)
+            layers.add(name)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [m for m in missing if m not in tied and m.rpartition(".")[0] not in layers]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit its config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return model.eval()
 
 
 def tokenizer_sha256(path: Path) -> str | None:

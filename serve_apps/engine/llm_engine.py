@@ -14,7 +14,8 @@ from serve_apps.engine.config import EngineConfig, encode_prompt
 from serve_apps.engine.detokenizer import IncrementalDetokenizer
 from serve_apps.engine.kv_cache_manager import KVCacheManager
 from serve_apps.engine.metrics import EngineMetrics, StepStats
-from serve_apps.engine.model_runner import ModelRunner, PromptLogprob, kv_block_bytes, load_model
+from serve_apps.engine.model_runner import ModelRunner, PromptLogprob
+from serve_apps.engine.models.loader import kv_block_bytes, load_model
 from serve_apps.engine.request import Request, Status
 from serve_apps.engine.sampler import SampledToken, Sampler
 from serve_apps.engine.sampling_params import SamplingParams

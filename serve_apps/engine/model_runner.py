@@ -1,22 +1,15 @@
-"""Loads a model, owns its KV cache tensors, and runs one forward per step."""
+"""Owns a loaded model's KV cache tensors and runs one forward per step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from transformers import AutoConfig
 
-from kernels.compressed import is_compressed_checkpoint
-from kernels.cpu_linear import prepack_linears
 from kernels.cpu_ops import native_ops
 from kernels.memory import zeros_on_huge_pages
 from kernels.paged_attention import kv_cache_shapes
-from serve_apps.engine.models.compressed import install_compressed
-from serve_apps.engine.models.gemma3 import Gemma3ForCausalLM
-from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM
+from serve_apps.engine.models.llama import AttentionBatch, attention_head_dim
 from serve_apps.engine.scheduler import SchedulerOutput
 
 
@@ -34,50 +27,12 @@ class StepLogits:
     prompt_logprobs: dict[str, tuple[int, list[PromptLogprob]]]
 
 
-ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
-                 "gemma3_text": Gemma3ForCausalLM}
-
-
-def hf_weights(path: Path):
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path} has no .safetensors weights")
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-
-
-def load_model(path: Path, dtype: torch.dtype, prepack: bool = False) -> torch.nn.Module:
-    """The model with its Hugging Face weights; `prepack`: CPU linears packed (kernels.cpu_linear: faster, 2x weight memory)."""
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"model type {config.model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    with torch.device("cpu"):
-        model = ARCHITECTURES[config.model_type](config)
-    if is_compressed_checkpoint(path):
-        tensors, installed = install_compressed(model, path)
-        model.load_weights(tensors.items(), installed)
-    else:
-        model.load_weights(hf_weights(path))
-    model = model.to(dtype).eval()
-    if prepack:
-        prepack_linears(model)
-    return model
-
-
-def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-    return per_token * block_size * torch.finfo(dtype).bits // 8
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = attention_head_dim(config)
         dtype = next(model.parameters()).dtype
         k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, config.num_key_value_heads, head_dim)
         self.kv_caches = [(zeros_on_huge_pages(k_shape, dtype), zeros_on_huge_pages(v_shape, dtype))

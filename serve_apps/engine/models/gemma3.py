@@ -17,7 +17,9 @@ from torch import nn
 
 from kernels.fused_layers import gelu_tanh_and_mul, rotary
 from kernels.paged_attention import paged_attention, write_kv_cache
-from serve_apps.engine.models.llama import AttentionBatch, LlamaForCausalLM, RMSNorm, Rotary, rope_theta
+from serve_apps.engine.models.llama import (MLP, AttentionBatch, LlamaForCausalLM, RMSNorm, Rotary, input_norm,
+                                             rope_theta)
+from serve_apps.engine.models.weights import fused_linear
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
@@ -28,7 +30,8 @@ class Gemma3Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.qkv_proj = fused_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                                     config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -47,18 +50,6 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(out.flatten(1))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        if config.hidden_activation != "gelu_pytorch_tanh":
-            raise NotImplementedError(f"hidden_activation {config.hidden_activation!r} is not supported")
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config, layer_type: str):
         super().__init__()
@@ -67,16 +58,13 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(config, layer_type)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = Gemma3MLP(config)
+        self.mlp = MLP(config, gelu_tanh_and_mul)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, x, residual, angles, batch, kv_cache):
         """As the Llama layer: takes and returns (sublayer output, residual stream), each residual
         add fused into the norm after it; here the outputs are post-normed before they are added."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = input_norm(self.input_layernorm, x, residual)
         x = self.post_attention_layernorm(self.self_attn(x, angles, batch, kv_cache))
         x, residual = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual
@@ -89,6 +77,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             raise NotImplementedError("attention logit soft-capping is not supported")
         if getattr(config, "use_bidirectional_attention", False):
             raise NotImplementedError("bidirectional attention is not supported: the engine generates causally")
+        if config.hidden_activation != "gelu_pytorch_tanh":
+            raise NotImplementedError(f"hidden_activation {config.hidden_activation!r} is not supported")
         self.config = config
         self.layer_types = list(config.layer_types)
         self.rotary = nn.ModuleDict({kind: Rotary(config.head_dim, rope_theta(config, config.rope_parameters[kind]),

@@ -6,7 +6,7 @@ matmul each: on a CPU, fewer larger matmuls run measurably faster than many smal
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels.fused_layers import add_rms_norm, rms_norm, silu_and_mul
 from kernels.paged_attention import paged_attention, rotary_and_cache
+from serve_apps.engine.models.weights import WeightLoader, fused_linear
 
 
 @dataclass
@@ -45,6 +46,19 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def input_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's opening: (norm(residual + x), residual + x), the add fused into the norm;
+    the first layer, with no residual stream yet, starts it at x."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
+
+
+def attention_head_dim(config) -> int:
+    """The config's head_dim, or hidden_size / heads where it gives none (older Llama configs)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class Rotary(nn.Module):
     """Rotary position embedding, rotate-half convention (as Hugging Face's Llama)."""
 
@@ -65,9 +79,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = attention_head_dim(config)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.qkv_proj = fused_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
@@ -79,14 +93,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    """down(act(gate) * up), gate and up in one matmul; `act_and_mul` (kernels.fused_layers) takes
+    their fused output."""
+
+    def __init__(self, config, act_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul):
         super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
-        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+        inter = config.intermediate_size
+        self.gate_up_proj = fused_linear(config.hidden_size, [inter, inter], bias=False)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+        self.act_and_mul = act_and_mul
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -100,10 +118,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, angles, batch, kv_cache):
         """Pre-norm residual block, with each residual add fused into the norm after it:
         takes and returns (sublayer output, residual stream); the first layer gets residual None."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = input_norm(self.input_layernorm, x, residual)
         x = self.self_attn(x, angles, batch, kv_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
@@ -119,16 +134,11 @@ def rope_theta(config, params: dict | None = None) -> float:
 
 
 class LlamaForCausalLM(nn.Module):
-    # Hugging Face checkpoint names that land in one of our fused matrices, and which slice.
-    FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
     def __init__(self, config):
         super().__init__()
         self.config = config
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary = Rotary(head_dim, rope_theta(config), config.max_position_embeddings)
+        self.rotary = Rotary(attention_head_dim(config), rope_theta(config), config.max_position_embeddings)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -147,49 +157,19 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], installed: set[str] = frozenset()) -> None:
-        """Copy Hugging Face tensors into our parameters; `installed`: modules already put in place
-        whole (compressed layers), whose parameters the checkpoint does not list."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = set()
-        for hf_name, tensor in weights:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | nn.Module]]) -> None:
+        """Our weights from a checkpoint's (kernels.checkpoint.read_weights): plain tensors and
+        compressed layers, under Hugging Face's names."""
+        loader = WeightLoader(self)
+        for hf_name, weight in weights:
             name = hf_name.removeprefix("model.")
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            module, _, leaf = name.rpartition(".")
-            parent, _, proj = module.rpartition(".")
-            tensor = self.checkpoint_tensor(name, tensor)
-            if proj in self.FUSED:
-                fused, index = self.FUSED[proj]
-                target = params[f"{parent}.{fused}.{leaf}"]
-                sizes = self._fused_sizes(fused, target.shape[0])
-                start = sum(sizes[:index])
-                target.data[start : start + sizes[index]].copy_(tensor)
-                loaded.add(f"{parent}.{fused}.{leaf}#{index}")
-            else:
-                params[name].data.copy_(tensor)
-                loaded.add(name)
-        self._check_all_loaded(loaded, installed)
+            if isinstance(weight, nn.Module):
+                loader.load_layer(name, weight)
+            elif not (self.config.tie_word_embeddings and name == "lm_head.weight"):
+                loader.load_tensor(name, self.checkpoint_tensor(name, weight))
+        loader.finish()
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A checkpoint tensor as our parameter `name` holds it (models that store weights
         differently from Hugging Face convert here)."""
         return tensor
-
-    def _fused_sizes(self, fused: str, total: int) -> list[int]:
-        if fused == "gate_up_proj":
-            return [total // 2, total // 2]
-        attn = self.layers[0].self_attn
-        return [attn.q_size, attn.kv_size, attn.kv_size]
-
-    def _check_all_loaded(self, loaded: set[str], installed: set[str]) -> None:
-        missing = []
-        for name, _ in self.named_parameters():
-            if any(name.startswith(module + ".") for module in installed):
-                continue
-            proj = name.rsplit(".", 2)[-2]
-            parts = 3 if proj == "qkv_proj" else 2 if proj == "gate_up_proj" else 0
-            keys = [f"{name}#{i}" for i in range(parts)] if parts else [name]
-            missing += [k for k in keys if k not in loaded]
-        if missing:
-            raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:5])}")
