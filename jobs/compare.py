@@ -29,9 +29,9 @@ from jobs.bench.workloads import random_prompts
 from jobs.compress.checkpoint import compressed_modules
 from jobs.compress.pipeline import compress_model
 from jobs.compress.recipe import Recipe
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm, model_dir, open_model
 from serve_apps.engine.config import EngineConfig
 from serve_apps.engine.llm_engine import LLMEngine

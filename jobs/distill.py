@@ -23,8 +23,8 @@ from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store
 from jobs.compress.pipeline import calibration_tokens, check_out_free, write_result
 from jobs.compress.recipe import Recipe, apply_recipe
-from jobs.eval_ppl import open_dataset
-from jobs.models.load import load_causal_lm, model_dir, tokenizer_sha256
+from jobs.data.prepared import open_dataset
+from jobs.models.load import has_other_tokenizer, load_causal_lm, model_dir, tokenizer_sha256
 from jobs.train.checkpoints import TOKENIZER_FILES, model_folder, scratch_dir
 from jobs.train.config import TrainConfig
 from jobs.train.losses import LossConfig
@@ -69,7 +69,7 @@ def check(config: DistillConfig, store: Store) -> None:
     teacher = model_dir(config.teacher, store)
     if config.student.model is not None:
         student = model_dir(config.student.model, store)
-        if tokenizer_sha256(student) != tokenizer_sha256(teacher):
+        if has_other_tokenizer(student, tokenizer_sha256(teacher)):
             raise UserError(f"student {config.student.model} has another tokenizer than teacher {config.teacher}; "
                             "distillation compares their next-token distributions, so they must share one")
     else:
@@ -86,7 +86,7 @@ def student_from_teacher(config: DistillConfig, store: Store) -> str:
     teacher = model_dir(config.teacher, store)
     recipe = load_config(Recipe, config.student.recipe)
     model = load_causal_lm(teacher)
-    apply_recipe(model, recipe, calibration_tokens(recipe, teacher, store), progress=False)
+    apply_recipe(model, recipe, calibration_tokens(recipe, config.teacher, teacher, store), progress=False)
     name = f"{Path(config.out).name}.init"
 
     def build(folder: Path) -> None:

@@ -28,9 +28,9 @@ from jobs.compress.checkpoint import save_compressed
 from jobs.compress.pipeline import check_out_free, write_result
 from jobs.compress.qat import check_qat_recipe, prepare_qat, strip_fake_quant
 from jobs.compress.recipe import Recipe, apply_recipe
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm, model_dir
 from jobs.train.checkpoints import model_folder, scratch_dir
 from jobs.train.config import TrainConfig

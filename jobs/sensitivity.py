@@ -26,9 +26,9 @@ from jobs.compress.calibration import CalibrationConfig, collect, token_batches
 from jobs.compress.pipeline import calibration_tokens
 from jobs.compress.recipe import AnyStep, Recipe
 from jobs.compress.sensitivity import layer_sensitivity
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm, model_dir
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if kinds := step.stats_needed():
         calibration = CalibrationConfig(data=args.data, samples=16)
         recipe = Recipe(name="sensitivity", calibration=calibration, steps=[step])
-        batches = token_batches(calibration_tokens(recipe, path, store), calibration)
+        batches = token_batches(calibration_tokens(recipe, args.model, path, store), calibration)
         stats = collect(model, step.targets(model), kinds, batches)
     rows = [r.row() for r in layer_sensitivity(model, step, lambda m: perplexity(m, tokens, args.window).ppl,
                                                stats=stats)]
