@@ -25,8 +25,8 @@ from cluster.config import StrictConfig, load_config
 from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store
 from jobs.compress.checkpoint import save_compressed
+from jobs.compress.fake_quant import check_qat_recipe, prepare_qat, strip_fake_quant
 from jobs.compress.pipeline import check_out_free, write_result
-from jobs.compress.qat import check_qat_recipe, prepare_qat, strip_fake_quant
 from jobs.compress.recipe import Recipe, apply_recipe
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens

@@ -23,9 +23,9 @@ from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store
 from jobs.bench.report import markdown_table, store_results
 from jobs.compress.calibration import CalibrationConfig, collect, token_batches
+from jobs.compress.layer_sensitivity import layer_sensitivity
 from jobs.compress.pipeline import calibration_tokens
 from jobs.compress.recipe import AnyStep, Recipe
-from jobs.compress.sensitivity import layer_sensitivity
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from cluster.store import Store
-from jobs.compress.qat import prepare_qat
+from jobs.compress.fake_quant import prepare_qat
 from jobs.compress.recipe import Recipe
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
