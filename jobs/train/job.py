@@ -23,6 +23,8 @@ from jobs.train.spec import WorkerSpec
 
 
 class TrainingJobConfig(StrictConfig):
+    """What every training job is given besides its models and objective; `out` is what it stores."""
+
     data: str = "shakespeare"
     out: str = Field(description="model store name or URI of the trained model")
     force: bool = Field(False, description="replace an existing `out` and start the training afresh")
@@ -39,6 +41,7 @@ Config = TypeVar("Config", bound=TrainingJobConfig)
 
 
 def check_data_and_out(config: TrainingJobConfig, store: Store) -> None:
+    """Before any worker starts: the data is prepared, and `out` is free unless `force`."""
     open_dataset(config.data, store)
     check_out_free(config.out, store, config.force)
 
