@@ -1,31 +1,33 @@
 """`rayfoundry`: the operator's face over Ray, the store and the jobs.
 
-Commands that do real work (adding a model, preparing data, evaluating) run the job modules
-in a child process, exactly as `ray job submit -- python -m jobs.<job>` would, so this package
-never imports `jobs`.
+Commands that do real work (adding a model, preparing data, evaluating) are Ray jobs: submitted
+through the Job Submission API when a cluster answers, else run in a child process (cluster.submit),
+so this package never imports `jobs`. `serve` deploys through Ray Serve, which is not a job.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
 from cluster import local_cluster
 from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store, human_bytes, singular, verify
+from cluster.submit import run_here, run_job
 
-# `rayfoundry A B ...` -> `python -m <module> ...`
+# `rayfoundry A B ...` -> the job `python -m <module> ...`
 DELEGATED = {
     ("models", "add"): "jobs.add_model",
     ("data", "prepare"): "jobs.prepare_data",
     ("eval", "ppl"): "jobs.eval_ppl",
 }
 SERVE_MODULE = "serve_apps.serve_run"  # `rayfoundry serve CONFIG`
-
-
-def run_job_module(module: str, argv: list[str]) -> int:
-    return subprocess.run([sys.executable, "-m", module, *argv]).returncode
+WHERE_JOBS_RUN = (
+    "models add, data prepare and eval ppl are Ray jobs. With a Ray cluster up ($RAY_ADDRESS, as for "
+    "`ray job submit`, else the local cluster on 127.0.0.1:8265) they are submitted to it: the first line "
+    "printed names the job, which the dashboard lists, and paths are read there, relative to the repository. "
+    "With no cluster, or RAY_ADDRESS=local, they run here. serve deploys through Ray Serve, never as a job."
+)
 
 
 def cmd_up(args) -> int:
@@ -87,7 +89,8 @@ def cmd_remove(kind: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayfoundry", description="Compress LLMs and serve them on Ray.")
+    parser = argparse.ArgumentParser(prog="rayfoundry", description="Compress LLMs and serve them on Ray.",
+                                     epilog=WHERE_JOBS_RUN)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the local Ray cluster (dashboard on 127.0.0.1:8265)")
     up.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_store_commands(groups[group], kind)
     # Listed for --help only: `_main` hands these to their job module before parsing.
     for (group, action), module in DELEGATED.items():
-        groups[group].add_parser(action, help=f"python -m {module} (see `rayfoundry {group} {action} --help`)")
+        groups[group].add_parser(action, help=f"the job python -m {module} (see `rayfoundry {group} {action} --help`)")
     return parser
 
 
@@ -126,10 +129,10 @@ def delegated_module(argv: list[str]) -> str | None:
 @reports_user_errors("rayfoundry")
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
-        return run_job_module(SERVE_MODULE, argv[1:])
+        return run_here(SERVE_MODULE, argv[1:])
     module = delegated_module(argv)
     if module is not None:
-        return run_job_module(module, argv[2:])
+        return run_job(module, argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from cluster.errors import UserError, reports_user_errors
 from cluster.store import Artifact, Store, human_bytes, verify
+from jobs.data.packages import ensure_package
 from jobs.models.convert import gguf_to_hf
 from jobs.models.registry import KNOWN_MODELS, KnownModel
-from jobs.packages import ensure_package
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,7 +23,7 @@ from pydantic import Field
 from cluster.config import StrictConfig, load_config
 from cluster.errors import reports_user_errors
 from cluster.store import Store
-from jobs.bench.report import markdown_table, store_results
+from jobs.bench.report import markdown_table, png_figure, store_results
 from jobs.models.load import model_dir
 from jobs.train.config import TrainConfig, ZeroConfig
 from jobs.train.losses import LossConfig
@@ -55,21 +55,14 @@ def measure_stage(config: BenchZeroConfig, stage: int, store: Store, precision: 
 
 
 def plot(rows: list[dict], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(6, 4))
     labels = [f"ZeRO-{r['zero_stage']} {r['precision']}" for r in rows]
-    axis.bar(labels, [r["param_mib"] for r in rows], label="parameters")
-    axis.bar(labels, [r["optimizer_mib"] for r in rows], bottom=[r["param_mib"] for r in rows], label="optimizer")
-    axis.set_ylabel("MiB per worker (worst worker)")
-    axis.legend()
-    axis.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, (6, 4)) as (_, axis):
+        axis.bar(labels, [r["param_mib"] for r in rows], label="parameters")
+        axis.bar(labels, [r["optimizer_mib"] for r in rows], bottom=[r["param_mib"] for r in rows],
+                 label="optimizer")
+        axis.set_ylabel("MiB per worker (worst worker)")
+        axis.legend()
+        axis.set_title(title)
 
 
 @reports_user_errors("python -m jobs.bench_zero")

@@ -24,14 +24,14 @@ from cluster.config import StrictConfig, load_config
 from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store
 from jobs.bench.ours import run_engine
-from jobs.bench.report import markdown_table, store_results
+from jobs.bench.report import markdown_table, png_figure, store_results
 from jobs.bench.workloads import random_prompts
 from jobs.compress.checkpoint import compressed_modules
 from jobs.compress.pipeline import compress_model
 from jobs.compress.recipe import Recipe
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm, model_dir, open_model
 from serve_apps.engine.config import EngineConfig
 from serve_apps.engine.llm_engine import LLMEngine
@@ -110,30 +110,22 @@ def add_ratios(rows: list[dict], batch_sizes: list[int]) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     speed_keys = [k for k in rows[0] if k.startswith("decode_tok_s_b")]
-    fig, (quality, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in rows:
-        quality.scatter(row["model_bytes"] / 2**20, row["ppl"])
-        quality.annotate(row["variant"], (row["model_bytes"] / 2**20, row["ppl"]), fontsize=7)
-    quality.set_xlabel("checkpoint MiB")
-    quality.set_ylabel("perplexity")
     width = 0.8 / len(speed_keys)
-    for i, key in enumerate(speed_keys):
-        speed.bar([x + i * width for x in range(len(rows))], [r[key] or 0 for r in rows], width,
-                  label=key.replace("decode_tok_s_b", "batch "))
-    speed.set_xticks([x + width * (len(speed_keys) - 1) / 2 for x in range(len(rows))],
-                     [r["variant"] for r in rows], rotation=30, ha="right", fontsize=7)
-    speed.set_ylabel("decode tokens / s")
-    speed.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, (12, 4.5), ncols=2) as (fig, (quality, speed)):
+        for row in rows:
+            quality.scatter(row["model_bytes"] / 2**20, row["ppl"])
+            quality.annotate(row["variant"], (row["model_bytes"] / 2**20, row["ppl"]), fontsize=7)
+        quality.set_xlabel("checkpoint MiB")
+        quality.set_ylabel("perplexity")
+        for i, key in enumerate(speed_keys):
+            speed.bar([x + i * width for x in range(len(rows))], [r[key] or 0 for r in rows], width,
+                      label=key.replace("decode_tok_s_b", "batch "))
+        speed.set_xticks([x + width * (len(speed_keys) - 1) / 2 for x in range(len(rows))],
+                         [r["variant"] for r in rows], rotation=30, ha="right", fontsize=7)
+        speed.set_ylabel("decode tokens / s")
+        speed.legend(fontsize=8)
+        fig.suptitle(title)
 
 
 def columns(batch_sizes: list[int]) -> list[str]:

@@ -10,8 +10,6 @@ same steps, so one PNG shows whether the teacher helped. The distilled student i
 """
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,14 +17,13 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from cluster.config import StrictConfig, load_config
-from cluster.errors import UserError, reports_user_errors
+from cluster.errors import UserError
 from cluster.store import Store
-from jobs.compress.pipeline import calibration_tokens, check_out_free, write_result
+from jobs.compress.pipeline import calibration_tokens, write_result
 from jobs.compress.recipe import Recipe, apply_recipe
-from jobs.eval_ppl import open_dataset
-from jobs.models.load import load_causal_lm, model_dir, tokenizer_sha256
-from jobs.train.checkpoints import TOKENIZER_FILES, model_folder, scratch_dir
-from jobs.train.config import TrainConfig
+from jobs.models.load import has_other_tokenizer, load_causal_lm, model_dir, tokenizer_sha256
+from jobs.train.checkpoints import copy_tokenizer
+from jobs.train.job import TrainingJobConfig, check_data_and_out, train_and_keep, training_job_main
 from jobs.train.losses import LossConfig
 from jobs.train.report import store_training_results
 from jobs.train.run import fit
@@ -44,18 +41,14 @@ class StudentConfig(StrictConfig):
         return self
 
 
-class DistillConfig(StrictConfig):
+class DistillConfig(TrainingJobConfig):
+    """`out` is the distilled student; the Ray Train run is `distill-<out>` unless `run_name` says
+    otherwise, and the baseline's is the same name with `-ce`."""
+
     teacher: str = "smollm2-135m-instruct"
     student: StudentConfig
-    data: str = "shakespeare"
-    out: str = Field(description="model store name or URI of the distilled student")
-    force: bool = Field(False, description="replace an existing `out` and start the training runs afresh")
     loss: LossConfig = Field(default_factory=lambda: LossConfig(alpha=0.5, temperature=1.0))
     baseline: bool = Field(True, description="also train the student on cross-entropy alone, same steps")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    run_name: str | None = None
-    store: str | None = None
-    ray_address: str | None = None
 
     @model_validator(mode="after")
     def _needs_a_teacher_term(self):
@@ -69,7 +62,7 @@ def check(config: DistillConfig, store: Store) -> None:
     teacher = model_dir(config.teacher, store)
     if config.student.model is not None:
         student = model_dir(config.student.model, store)
-        if tokenizer_sha256(student) != tokenizer_sha256(teacher):
+        if has_other_tokenizer(student, tokenizer_sha256(teacher)):
             raise UserError(f"student {config.student.model} has another tokenizer than teacher {config.teacher}; "
                             "distillation compares their next-token distributions, so they must share one")
     else:
@@ -77,8 +70,7 @@ def check(config: DistillConfig, store: Store) -> None:
         if any(step.method != "structured" for step in recipe.steps):
             raise UserError(f"{config.student.recipe}: a student recipe shrinks the teacher with `structured` "
                             "steps only (quantized or sparse students train through QAT)")
-    open_dataset(config.data, store)
-    check_out_free(config.out, store, config.force)
+    check_data_and_out(config, store)
 
 
 def student_from_teacher(config: DistillConfig, store: Store) -> str:
@@ -86,14 +78,12 @@ def student_from_teacher(config: DistillConfig, store: Store) -> str:
     teacher = model_dir(config.teacher, store)
     recipe = load_config(Recipe, config.student.recipe)
     model = load_causal_lm(teacher)
-    apply_recipe(model, recipe, calibration_tokens(recipe, teacher, store), progress=False)
+    apply_recipe(model, recipe, calibration_tokens(recipe, config.teacher, teacher, store), progress=False)
     name = f"{Path(config.out).name}.init"
 
     def build(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
-        for file in TOKENIZER_FILES:
-            if (teacher / file).is_file():
-                shutil.copy2(teacher / file, folder / file)
+        copy_tokenizer(teacher, folder)
 
     write_result(build, name, store, {"source": config.teacher, "student_recipe": recipe.name}, force=True)
     print(f"student: {model.num_parameters():,} parameters "
@@ -105,24 +95,21 @@ def run(config: DistillConfig) -> dict:
     store = Store(config.store)
     check(config, store)
     student = config.student.model or student_from_teacher(config, store)
-    run_name = config.run_name or f"distill-{Path(config.out).name}"
+    run_name = config.run_name_for("distill")
     spec = WorkerSpec(student=student, teacher=config.teacher, loss=config.loss, train=config.train,
                       data=config.data, store=config.store)
-    curves, summary = {}, {"student": student}
-    result = fit(spec, run_name, store, config.ray_address, fresh=config.force)
-    curves["distilled"] = result.return_value or []
-    scratch = scratch_dir()
-    try:
-        trained = model_folder(result.checkpoint, scratch)
-        summary["out"] = write_result(lambda folder: shutil.copytree(trained, folder), config.out, store,
-                                      {"source": student, "teacher": config.teacher, "trained": "distill"},
-                                      config.force)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+
+    def store_student(trained: Path) -> dict:
+        meta = {"source": student, "teacher": config.teacher, "trained": "distill"}
+        return {"out": write_result(lambda folder: shutil.copytree(trained, folder), config.out, store, meta,
+                                    config.force)}
+
+    stored, history = train_and_keep(config, spec, run_name, store, store_student)
+    curves, summary = {"distilled": history}, {"student": student, **stored}
     if config.baseline:
         plain = spec.model_copy(update={"teacher": None, "loss": LossConfig()})
         curves["cross-entropy only"] = fit(plain, f"{run_name}-ce", store, config.ray_address,
-                                                fresh=config.force).return_value or []
+                                           fresh=config.force).return_value or []
     for label, history in curves.items():
         evals = [h["val_ppl"] for h in history if "val_ppl" in h]
         summary[f"final_val_ppl_{label.replace(' ', '_').replace('-', '_')}"] = evals[-1] if evals else None
@@ -130,13 +117,7 @@ def run(config: DistillConfig) -> dict:
     return summary
 
 
-@reports_user_errors("python -m jobs.distill")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.distill", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="distillation job YAML (see configs/jobs/distill.yaml)")
-    summary = run(load_config(DistillConfig, parser.parse_args(argv).config))
-    print(json.dumps(summary, indent=2))
-    return 0
+main = training_job_main("distill", DistillConfig, run, __doc__)
 
 
 if __name__ == "__main__":

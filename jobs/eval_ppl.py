@@ -15,10 +15,11 @@ import torch
 from tqdm import tqdm
 
 from cluster.errors import UserError, reports_user_errors
-from cluster.store import Artifact, Store, open_artifact, verify
+from cluster.store import Artifact, Store
+from jobs.data.prepared import check_tokenized_for, open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.models.load import context_length, load_causal_lm, model_dir, tokenizer_sha256
+from jobs.models.load import context_length, load_causal_lm, model_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,14 +34,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_dataset(ref: str, store: Store) -> Artifact:
-    dataset = open_artifact(ref, "datasets", store)
-    if dataset.manifest is None or "splits" not in dataset.manifest:
-        raise UserError(f"{ref} is not a prepared dataset (no manifest); run `python -m jobs.prepare_data` first")
-    verify(dataset)
-    return dataset
-
-
 def check_request(args: argparse.Namespace, dataset: Artifact, model_path) -> None:
     if args.tokens < 2 or args.window < 2 or args.batch_size < 1:
         raise UserError("--tokens and --window must be at least 2, --batch-size at least 1")
@@ -50,13 +43,7 @@ def check_request(args: argparse.Namespace, dataset: Artifact, model_path) -> No
     available = dataset.manifest["splits"][args.split]["tokens"]
     if args.tokens > available:
         raise UserError(f"dataset '{dataset.name}' has only {available} {args.split} tokens; ask for at most that")
-    expected = dataset.manifest["tokenizer"].get("sha256")
-    actual = tokenizer_sha256(model_path)
-    if expected and actual and expected != actual:
-        raise UserError(
-            f"dataset '{dataset.name}' was tokenized with {dataset.manifest['tokenizer']['model']}'s tokenizer, "
-            f"which differs from {args.model}'s; prepare the data with `tokenizer: {args.model}`"
-        )
+    check_tokenized_for(dataset, model_path, args.model)
 
 
 @reports_user_errors("rayfoundry eval ppl")

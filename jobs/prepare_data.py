@@ -20,10 +20,11 @@ from tqdm import tqdm
 from cluster.config import StrictConfig, load_config
 from cluster.errors import reports_user_errors
 from cluster.store import Store, human_bytes, verify
+from jobs.data.prepared import tokenizer_entry
 from jobs.data.shards import ROW_TOKENS, token_stream, write_shards
 from jobs.data.sources import Source, read_documents
 from jobs.data.split import split_documents
-from jobs.models.load import load_tokenizer, model_dir, tokenizer_sha256
+from jobs.models.load import load_tokenizer, model_dir
 
 
 class PrepareDataConfig(StrictConfig):
@@ -58,8 +59,7 @@ def prepare(config: PrepareDataConfig, config_path: str) -> dict:
             summary[split] = {"tokens": int(len(stream)), "documents": len(docs), "shards": shards}
         meta = {
             "source": config.source.model_dump(),
-            "tokenizer": {"model": config.tokenizer, "sha256": tokenizer_sha256(tokenizer_path),
-                          "vocab_size": len(tokenizer), "separator_id": separator},
+            "tokenizer": tokenizer_entry(config.tokenizer, tokenizer_path, tokenizer),
             "validation_fraction": config.validation_fraction,
             "row_tokens": ROW_TOKENS,
             "splits": summary,

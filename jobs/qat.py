@@ -12,48 +12,38 @@ float-to-RTN gap the training won back; all into the results store with the trai
 """
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from pydantic import Field, model_validator
 
-from cluster.config import StrictConfig, load_config
-from cluster.errors import UserError, reports_user_errors
+from cluster.config import load_config
+from cluster.errors import UserError
 from cluster.store import Store
 from jobs.compress.checkpoint import save_compressed
-from jobs.compress.pipeline import check_out_free, write_result
-from jobs.compress.qat import check_qat_recipe, prepare_qat, strip_fake_quant
+from jobs.compress.fake_quant import check_qat_recipe, prepare_qat, strip_fake_quant
+from jobs.compress.pipeline import write_result
 from jobs.compress.recipe import Recipe, apply_recipe
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm, model_dir
-from jobs.train.checkpoints import model_folder, scratch_dir
-from jobs.train.config import TrainConfig
+from jobs.train.job import TrainingJobConfig, check_data_and_out, train_and_keep, training_job_main
 from jobs.train.losses import LossConfig
 from jobs.train.report import store_training_results
-from jobs.train.run import fit
 from jobs.train.spec import WorkerSpec
 
 
-class QATConfig(StrictConfig):
+class QATConfig(TrainingJobConfig):
+    """`out` is the quantized checkpoint; the Ray Train run is `qat-<out>` unless `run_name` says otherwise."""
+
     model: str = "smollm2-135m-instruct"
     recipe: str = Field(description="compression recipe YAML whose steps (rtn, dynamic w8a8) QAT trains for")
-    data: str = "shakespeare"
-    out: str = Field(description="model store name or URI of the quantized checkpoint")
-    force: bool = Field(False, description="replace an existing `out` and start the training run afresh")
     distill: LossConfig = Field(default_factory=LossConfig,
                                 description="alpha > 0 distills from the unquantized model")
-    train: TrainConfig = Field(default_factory=TrainConfig)
     eval_tokens: int = Field(20480, ge=2, description="validation tokens for the before/after perplexities")
     eval_window: int = Field(512, ge=2)
-    run_name: str | None = Field(None, description="Ray Train run name (default: qat-<out>); reused, it resumes")
-    store: str | None = None
-    ray_address: str | None = None
 
     @model_validator(mode="after")
     def _distill_has_no_hidden_term(self):
@@ -70,8 +60,7 @@ def check(config: QATConfig, store: Store) -> tuple[Recipe, Path]:
         check_qat_recipe(load_causal_lm(path), recipe)
     except ValueError as exc:
         raise UserError(f"{config.recipe}: {exc}") from None
-    open_dataset(config.data, store)
-    check_out_free(config.out, store, config.force)
+    check_data_and_out(config, store)
     return recipe, path
 
 
@@ -113,24 +102,13 @@ def run(config: QATConfig) -> dict:
     spec = WorkerSpec(student=config.model, teacher=config.model if config.distill.needs_teacher else None,
                       qat_recipe=recipe.model_dump(mode="json"), loss=config.distill, train=config.train,
                       data=config.data, store=config.store)
-    run_name = config.run_name or f"qat-{Path(config.out).name}"
-    result = fit(spec, run_name, store, config.ray_address, fresh=config.force)
-    scratch = scratch_dir()
-    try:
-        summary = evaluate_and_convert(config, recipe, source, model_folder(result.checkpoint, scratch), store)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    summary["results"] = store_training_results("qat", result.return_value or [], summary, store)
+    summary, history = train_and_keep(config, spec, config.run_name_for("qat"), store,
+                                      lambda trained: evaluate_and_convert(config, recipe, source, trained, store))
+    summary["results"] = store_training_results("qat", history, summary, store)
     return summary
 
 
-@reports_user_errors("python -m jobs.qat")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.qat", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="QAT job YAML (see configs/jobs/qat.yaml)")
-    summary = run(load_config(QATConfig, parser.parse_args(argv).config))
-    print(json.dumps(summary, indent=2))
-    return 0
+main = training_job_main("qat", QATConfig, run, __doc__)
 
 
 if __name__ == "__main__":

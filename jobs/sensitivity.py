@@ -21,14 +21,14 @@ from tqdm import tqdm
 from cluster.config import describe_validation_error
 from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store
-from jobs.bench.report import markdown_table, store_results
+from jobs.bench.report import markdown_table, png_figure, store_results
 from jobs.compress.calibration import CalibrationConfig, collect, token_batches
+from jobs.compress.layer_sensitivity import layer_sensitivity
 from jobs.compress.pipeline import calibration_tokens
 from jobs.compress.recipe import AnyStep, Recipe
-from jobs.compress.sensitivity import layer_sensitivity
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm, model_dir
 
 
@@ -43,19 +43,11 @@ def parse_step(text: str):
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["delta"] for r in rows])
-    ax.set_xticks(range(len(rows)), [r["layer"].removeprefix("model.") for r in rows], rotation=90, fontsize=5)
-    ax.set_ylabel("perplexity change")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, (max(6, 0.12 * len(rows)), 4)) as (_, ax):
+        ax.bar(range(len(rows)), [r["delta"] for r in rows])
+        ax.set_xticks(range(len(rows)), [r["layer"].removeprefix("model.") for r in rows], rotation=90, fontsize=5)
+        ax.set_ylabel("perplexity change")
+        ax.set_title(title)
 
 
 @reports_user_errors("python -m jobs.sensitivity")
@@ -84,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if kinds := step.stats_needed():
         calibration = CalibrationConfig(data=args.data, samples=16)
         recipe = Recipe(name="sensitivity", calibration=calibration, steps=[step])
-        batches = token_batches(calibration_tokens(recipe, path, store), calibration)
+        batches = token_batches(calibration_tokens(recipe, args.model, path, store), calibration)
         stats = collect(model, step.targets(model), kinds, batches)
     rows = [r.row() for r in layer_sensitivity(model, step, lambda m: perplexity(m, tokens, args.window).ppl,
                                                stats=stats)]

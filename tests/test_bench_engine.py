@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import env_with_home, run
 
-from jobs.bench_engine import medians, ratios
+from jobs.bench.engine_report import medians, ratios
 
 
 def test_bench_engine_writes_results(tmp_path, tiny_llama_dir):

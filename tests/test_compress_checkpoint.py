@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 from cluster.store import Store
 from jobs.compress.checkpoint import export_dense, save_compressed
 from jobs.compress.recipe import Recipe, apply_recipe
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import load_causal_lm
 from kernels.compressed import StackedLinear
 from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear

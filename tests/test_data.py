@@ -9,6 +9,7 @@ import pytest
 
 from cluster.errors import UserError
 from cluster.store import Store
+from jobs.data.prepared import check_tokenized_for, tokenizer_entry
 from jobs.data.shards import ROW_TOKENS, read_tokens, ray_dataset, write_shards
 from jobs.data.sources import (
     DebianHandbookSource, Document, JsonlSource, ParquetSource, ShakespeareSource, TxtSource, html_to_text,
@@ -89,11 +90,11 @@ def test_split_of_a_single_document_cuts_at_a_line():
     assert parts["validation"][0].text.startswith("line ") and 60 < len(parts["validation"][0].text) < 90
 
 
-def stored_dataset(tmp_path, stream, shard_tokens):
+def stored_dataset(tmp_path, stream, shard_tokens, **meta):
     out = tmp_path / "shards"
     out.mkdir()
     shards = write_shards(stream, out, "validation", shard_tokens)
-    meta = {"splits": {"validation": {"tokens": len(stream), "documents": 1, "shards": shards}}}
+    meta = {"splits": {"validation": {"tokens": len(stream), "documents": 1, "shards": shards}}, **meta}
     return Store(str(tmp_path / "store")).put_dir("datasets", "d", out, meta), shards
 
 
@@ -103,6 +104,30 @@ def test_shards_round_trip_the_stream(tmp_path):
     assert [s["tokens"] for s in shards] == [2 * ROW_TOKENS, 2 * ROW_TOKENS, ROW_TOKENS + 123]
     np.testing.assert_array_equal(read_tokens(dataset, "validation"), stream)
     np.testing.assert_array_equal(read_tokens(dataset, "validation", 4100), stream[:4100])
+
+
+class OneTokenTokenizer:
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return 1
+
+
+def model_folder(path, tokenizer_json: str | None):
+    path.mkdir()
+    if tokenizer_json is not None:
+        (path / "tokenizer.json").write_text(tokenizer_json)
+    return path
+
+
+def test_a_dataset_is_read_by_models_with_its_tokenizer_only(tmp_path):
+    made_by = model_folder(tmp_path / "made-by", '{"vocab": 1}')
+    entry = tokenizer_entry("made-by", made_by, OneTokenTokenizer())
+    dataset, _ = stored_dataset(tmp_path, np.arange(10, dtype=np.int32), ROW_TOKENS, tokenizer=entry)
+    check_tokenized_for(dataset, made_by, "made-by")
+    check_tokenized_for(dataset, model_folder(tmp_path / "no-tokenizer-json", None), "x")  # nothing to compare
+    with pytest.raises(UserError, match="tokenized with made-by's tokenizer, which differs from other's"):
+        check_tokenized_for(dataset, model_folder(tmp_path / "other", '{"vocab": 2}'), "other")
 
 
 def test_split_reads_as_a_ray_dataset(tmp_path, monkeypatch):

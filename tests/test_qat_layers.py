@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from jobs.compress.qat import check_qat_recipe, prepare_qat, strip_fake_quant
+from jobs.compress.fake_quant import check_qat_recipe, prepare_qat, strip_fake_quant
 from jobs.compress.recipe import Recipe, apply_recipe
 from kernels.compressed import CompressedLinear
 from kernels.fake_quant_linear import FakeQuantLinear, fake_quantize_per_token

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from jobs.compress.layer_sensitivity import layer_sensitivity
 from jobs.compress.prune import MagnitudeConfig
-from jobs.compress.sensitivity import layer_sensitivity
 from jobs.compress.structured import StructuredConfig
 from jobs.compress.weight_only import WeightOnlyConfig
 from jobs.sensitivity import main as sensitivity_main

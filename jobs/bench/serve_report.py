@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.store import Store
-from jobs.bench.report import store_results
+from jobs.bench.report import png_figure, store_results
 from jobs.bench.serve_load import RequestResult
 
 PERCENTILES = (50, 90, 99)
@@ -64,23 +64,16 @@ def ratios(rows: list[dict], ours: str = "kv_aware") -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     policies = [r["policy"] for r in rows]
     panels = [("output_tokens_per_s", "output tokens / s"), ("prefix_hit_rate", "prefix hit rate"),
               ("ttft_p50_s", "TTFT p50 (s)"), ("e2e_p90_s", "end-to-end p90 (s)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
-    for ax, (key, label) in zip(axes, panels):
-        ax.bar(policies, [r[key] or 0 for r in rows], color=["C0" if p == "kv_aware" else "C7" for p in policies])
-        ax.set_title(label, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, (4 * len(panels), 3.6), ncols=len(panels)) as (fig, axes):
+        for ax, (key, label) in zip(axes, panels):
+            ax.bar(policies, [r[key] or 0 for r in rows],
+                   color=["C0" if p == "kv_aware" else "C7" for p in policies])
+            ax.set_title(label, fontsize=10)
+            ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        fig.suptitle(title, fontsize=10)
 
 
 def store_serve_results(rows: list[dict], report: str, title: str, store: Store) -> str:

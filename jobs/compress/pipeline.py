@@ -13,19 +13,18 @@ from cluster.errors import UserError
 from cluster.store import Store, has_scheme, put_location
 from jobs.compress.checkpoint import save_compressed
 from jobs.compress.recipe import Recipe, apply_recipe
+from jobs.data.prepared import check_tokenized_for, open_dataset
 from jobs.data.shards import read_tokens
-from jobs.eval_ppl import open_dataset
-from jobs.models.load import load_causal_lm, model_dir, tokenizer_sha256
+from jobs.models.load import load_causal_lm, model_dir
 
 
-def calibration_tokens(recipe: Recipe, model_path: Path, store: Store) -> torch.Tensor | None:
+def calibration_tokens(recipe: Recipe, model: str, model_path: Path, store: Store) -> torch.Tensor | None:
+    """The recipe's calibration tokens for `model` (as the user named it, found at `model_path`)."""
     if recipe.calibration is None:
         return None
     cal = recipe.calibration
     dataset = open_dataset(cal.data, store)
-    expected = dataset.manifest["tokenizer"].get("sha256")
-    if expected and expected != tokenizer_sha256(model_path):
-        raise UserError(f"calibration data '{cal.data}' was tokenized for another model; prepare it for this one")
+    check_tokenized_for(dataset, model_path, model)
     if cal.split not in dataset.manifest["splits"]:
         raise UserError(f"calibration data '{cal.data}' has no split {cal.split!r}")
     return torch.from_numpy(read_tokens(dataset, cal.split, cal.samples * cal.seq_len).astype("int64"))
@@ -64,7 +63,7 @@ def compress_model(model_ref: str, recipe: Recipe, out: str, store: Store, force
         recipe.check(model)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    tokens = calibration_tokens(recipe, path, store)
+    tokens = calibration_tokens(recipe, model_ref, path, store)
     started = time.perf_counter()
     report = apply_recipe(model, recipe, tokens)
     print(f"compressed in {time.perf_counter() - started:.1f}s: " + json.dumps(report))

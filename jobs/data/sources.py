@@ -19,7 +19,7 @@ from pydantic import Field
 
 from cluster.config import StrictConfig
 from cluster.errors import UserError
-from jobs.packages import ensure_package
+from jobs.data.packages import ensure_package
 
 
 @dataclass(frozen=True)

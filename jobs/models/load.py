@@ -67,3 +67,10 @@ def tokenizer_sha256(path: Path) -> str | None:
     if not tokenizer_file.is_file():
         return None
     return hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+
+
+def has_other_tokenizer(path: Path, fingerprint: str | None) -> bool:
+    """Whether the model at `path` has, provably, another tokenizer than the one `fingerprint` names;
+    a missing fingerprint on either side (no tokenizer.json) proves nothing."""
+    own = tokenizer_sha256(path)
+    return None not in (own, fingerprint) and own != fingerprint

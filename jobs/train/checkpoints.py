@@ -6,8 +6,10 @@ worker group is given the latest registered one, so a save cut short is never re
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray.train
@@ -26,11 +28,16 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return engine.module.state_dict() if ray.train.get_context().get_world_rank() == 0 else None
 
 
-def write_model(module: torch.nn.Module, state: dict, folder: Path, source: Path) -> None:
-    module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """The tokenizer and generation files of the model at `source`, beside new weights in `folder`."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
+
+
+def write_model(module: torch.nn.Module, state: dict, folder: Path, source: Path) -> None:
+    module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    copy_tokenizer(source, folder)
 
 
 def report_with_checkpoint(engine, metrics: dict, client_state: dict, source: Path) -> None:
@@ -53,13 +60,11 @@ def restore(engine) -> dict:
     return client_state or {}
 
 
-def model_folder(checkpoint: ray.train.Checkpoint, into: Path) -> Path:
-    """A local copy of the trained model in `checkpoint`."""
-    with checkpoint.as_directory() as folder:
-        target = into / MODEL_DIR
-        shutil.copytree(Path(folder) / MODEL_DIR, target)
-    return target
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="rayfoundry-train-"))
+@contextlib.contextmanager
+def trained_model(checkpoint: ray.train.Checkpoint) -> Iterator[Path]:
+    """A local copy of the trained model in `checkpoint`, deleted when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="rayfoundry-train-", ignore_cleanup_errors=True) as scratch:
+        target = Path(scratch) / MODEL_DIR
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(Path(folder) / MODEL_DIR, target)
+        yield target

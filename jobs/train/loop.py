@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import deepspeed
 import ray.train
 import torch
@@ -16,10 +17,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from cluster.store import Store
-from jobs.compress.qat import prepare_qat
+from jobs.compress.fake_quant import prepare_qat
 from jobs.compress.recipe import Recipe
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
-from jobs.eval_ppl import open_dataset
 from jobs.models.load import model_dir
 from jobs.train.checkpoints import report_with_checkpoint, restore
 from jobs.train.data import rank_windows, window_batches

@@ -11,29 +11,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.store import Store
+from jobs.bench.report import png_figure
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss, ppl) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, history in curves.items():
-        loss.plot([h["step"] for h in history], [h["loss"] for h in history], label=label, linewidth=1)
-        evals = [h for h in history if "val_ppl" in h]
-        ppl.plot([h["step"] for h in evals], [h["val_ppl"] for h in evals], marker="o", label=label)
-    loss.set_xlabel("step")
-    loss.set_ylabel("training loss")
-    ppl.set_xlabel("step")
-    ppl.set_ylabel("validation perplexity")
-    for axis in (loss, ppl):
-        axis.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, (11, 4), ncols=2) as (fig, (loss, ppl)):
+        for label, history in curves.items():
+            loss.plot([h["step"] for h in history], [h["loss"] for h in history], label=label, linewidth=1)
+            evals = [h for h in history if "val_ppl" in h]
+            ppl.plot([h["step"] for h in evals], [h["val_ppl"] for h in evals], marker="o", label=label)
+        loss.set_xlabel("step")
+        loss.set_ylabel("training loss")
+        ppl.set_xlabel("step")
+        ppl.set_ylabel("validation perplexity")
+        for axis in (loss, ppl):
+            axis.legend(fontsize=8)
+        fig.suptitle(title)
 
 
 def store_training_results(name: str, history: list[dict] | dict[str, list[dict]], summary: dict,

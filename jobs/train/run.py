@@ -12,8 +12,8 @@ from ray.train.torch import TorchTrainer
 
 from cluster.errors import UserError
 from cluster.store import Store, write_bytes_atomic
+from jobs.data.prepared import open_dataset
 from jobs.data.shards import ray_dataset
-from jobs.eval_ppl import open_dataset
 from jobs.train.loop import train_worker
 from jobs.train.spec import WorkerSpec
 
