@@ -25,7 +25,8 @@ SERVE_MODULE = "serve_apps.serve_run"  # `rayfoundry serve CONFIG`
 WHERE_JOBS_RUN = (
     "models add, data prepare and eval ppl are Ray jobs. With a Ray cluster up ($RAY_ADDRESS, as for "
     "`ray job submit`, else the local cluster on 127.0.0.1:8265) they are submitted to it: the first line "
-    "printed names the job, which the dashboard lists, and paths are read there, relative to the repository. "
+    "printed names the job, which the dashboard lists. A cluster on this machine reads paths as given here; "
+    "a remote one reads them relative to the uploaded repository. "
     "With no cluster, or RAY_ADDRESS=local, they run here. serve deploys through Ray Serve, never as a job."
 )
 

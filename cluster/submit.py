@@ -34,7 +34,22 @@ def run_job(module: str, argv: list[str]) -> int:
     address = cluster_address()
     if address is None or {"-h", "--help"} & set(argv):  # help reads the same anywhere: no upload for it
         return run_here(module, argv)
+    if is_this_machine(address):  # the job reads the caller's files: relative paths mean what they meant here
+        argv = [absolute_if_local_path(arg) for arg in argv]
     return submit(address, ["python", "-m", module, *argv])
+
+
+def is_this_machine(address: str) -> bool:
+    host = re.sub(r"^\w+://", "", address).split(":")[0].split("/")[0]
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def absolute_if_local_path(arg: str) -> str:
+    """`./folder`, `../x.yaml`, `configs/a.yaml` -> an absolute path, when it exists here; store names and
+    URIs (no slash, or a scheme) pass as they are."""
+    if "/" not in arg or "://" in arg or not Path(arg).expanduser().exists():
+        return arg
+    return str(Path(arg).expanduser().resolve())
 
 
 def run_here(module: str, argv: list[str]) -> int:

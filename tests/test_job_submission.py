@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from cluster import local_cluster
-from cluster.submit import cluster_address
-from conftest import RAYFOUNDRY, env_with_home, free_port, run
+from cluster.submit import cluster_address, is_this_machine
+from conftest import RAYFOUNDRY, REPO, env_with_home, free_port, run
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def test_jobs_go_where_ray_job_submit_would_send_them(monkeypatch):
+    assert is_this_machine("http://127.0.0.1:8265") and not is_this_machine("http://head:8265")
     for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(local_cluster, "running_version", lambda: None)
@@ -79,7 +80,8 @@ def test_a_job_is_submitted_and_uses_the_callers_store(dashboard, tmp_path):
     folder = tmp_path / "tiny-folder"
     folder.mkdir()
     (folder / "config.json").write_text("{}")  # `models add` of a local folder copies it as it is
-    result, job = submitted(dashboard, tmp_path / "home", "models", "add", str(folder), "--name", "tiny")
+    relative = os.path.relpath(folder, REPO)  # as typed in the repository: this cluster is on this machine
+    result, job = submitted(dashboard, tmp_path / "home", "models", "add", relative, "--name", "tiny")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert job["status"] == "SUCCEEDED" and job["entrypoint"] == f"python -m jobs.add_model {folder} --name tiny"
     assert (tmp_path / "home" / "store" / "models" / "tiny" / "manifest.json").is_file()  # RAYFOUNDRY_HOME went along

@@ -178,7 +178,8 @@ class LLMEngine:
         params = request.params
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             return Status.FINISHED_STOP
-        if len(request.output_token_ids) >= params.max_tokens or len(request.token_ids) >= self.max_model_len:
+        reached_max_tokens = params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens
+        if reached_max_tokens or len(request.token_ids) >= self.max_model_len:
             return Status.FINISHED_LENGTH
         return None
 

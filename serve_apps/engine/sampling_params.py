@@ -7,7 +7,7 @@ from cluster.config import StrictConfig
 
 
 class SamplingParams(StrictConfig):
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, description="None: to the end of the model's context")
     temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
     top_k: int = Field(-1, ge=-1, description="-1 means off")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
