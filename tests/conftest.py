@@ -36,10 +36,18 @@ def run(argv: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float =
     return Result(done.returncode, done.stdout, done.stderr)
 
 
-def env_with_home(home: Path) -> dict[str, str]:
+def env_with_home(home: Path, jobs_here: bool = True) -> dict[str, str]:
+    """The environment for a command against the store in `home`. `jobs_here`: the CLI runs its jobs
+    in its own process (RAY_ADDRESS=local), as with no cluster up, so a test behaves the same whether
+    or not one is running (CI leaves the quickstart's up); the tests of the way through a cluster
+    (test_job_submission.py, test_local_cluster.py) choose their own."""
     env = dict(os.environ)
     env.pop("RAYFOUNDRY_STORE", None)
     env["RAYFOUNDRY_HOME"] = str(home)
+    if jobs_here:
+        env["RAY_ADDRESS"] = "local"
+    else:
+        env.pop("RAY_ADDRESS", None)
     return env
 
 
