@@ -5,8 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,34 +138,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def local_serve(num_cpus: float, worker_env: dict[str, str] | None = None, process_env: dict[str, str] | None = None,
-                **init_kwargs) -> Iterator[int]:
-    """A fresh local Ray with Serve's HTTP on a free loopback port (yielded), shut down after.
-    worker_env: for every Ray worker; process_env: set here while it runs (read by Ray's daemons)."""
-    import ray
-    from ray import serve
-
-    # Token auth off, as `rayfoundry up` has it: a new local ray.init() would otherwise turn it on.
-    process_env = {"RAY_AUTH_MODE": "disabled", **(process_env or {})}
-    previous = {key: os.environ.get(key) for key in process_env}
-    os.environ.update(process_env)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAYFOUNDRY_API_KEYS": "", **(worker_env or {})}}, **init_kwargs)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def hf_greedy_with_logprobs(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[tuple[list, list]]:
