@@ -5,8 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +34,18 @@ def run(argv: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float =
     return Result(done.returncode, done.stdout, done.stderr)
 
 
-def env_with_home(home: Path) -> dict[str, str]:
+def env_with_home(home: Path, jobs_here: bool = True) -> dict[str, str]:
+    """The environment for a command against the store in `home`. `jobs_here`: the CLI runs its jobs
+    in its own process (RAY_ADDRESS=local), as with no cluster up, so a test behaves the same whether
+    or not one is running (CI leaves the quickstart's up); the tests of the way through a cluster
+    (test_job_submission.py, test_local_cluster.py) choose their own."""
     env = dict(os.environ)
     env.pop("RAYFOUNDRY_STORE", None)
     env["RAYFOUNDRY_HOME"] = str(home)
+    if jobs_here:
+        env["RAY_ADDRESS"] = "local"
+    else:
+        env.pop("RAY_ADDRESS", None)
     return env
 
 
@@ -132,34 +138,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def local_serve(num_cpus: float, worker_env: dict[str, str] | None = None, process_env: dict[str, str] | None = None,
-                **init_kwargs) -> Iterator[int]:
-    """A fresh local Ray with Serve's HTTP on a free loopback port (yielded), shut down after.
-    worker_env: for every Ray worker; process_env: set here while it runs (read by Ray's daemons)."""
-    import ray
-    from ray import serve
-
-    # Token auth off, as `rayfoundry up` has it: a new local ray.init() would otherwise turn it on.
-    process_env = {"RAY_AUTH_MODE": "disabled", **(process_env or {})}
-    previous = {key: os.environ.get(key) for key in process_env}
-    os.environ.update(process_env)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAYFOUNDRY_API_KEYS": "", **(worker_env or {})}}, **init_kwargs)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def hf_greedy_with_logprobs(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[tuple[list, list]]:

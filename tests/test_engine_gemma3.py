@@ -38,9 +38,14 @@ def expected(gemma3_dir, prompt_ids):
     return hf_greedy_with_logprobs(gemma3_dir, prompt_ids, MAX_TOKENS)
 
 
-def test_gemma3_greedy_tokens_and_logprobs_equal_transformers(gemma3_dir, prompt_ids, expected):
-    engine = LLMEngine(gemma3_dir, EngineConfig(num_blocks=300, block_size=16, max_num_batched_tokens=256,
-                                                max_model_len=4096))
+@pytest.fixture(scope="module")
+def engine(gemma3_dir):
+    """One engine for the module: loading Gemma's 262k-token vocabulary and packing its weights takes a while."""
+    return LLMEngine(gemma3_dir, EngineConfig(num_blocks=300, block_size=16, max_num_batched_tokens=256,
+                                              max_model_len=4096))
+
+
+def test_gemma3_greedy_tokens_and_logprobs_equal_transformers(engine, prompt_ids, expected):
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
     alone = [engine.generate([ids], params)[0] for ids in prompt_ids[:2]]
     together = engine.generate(prompt_ids, params)  # chunked prefill, prefix hits, all batched
@@ -51,9 +56,8 @@ def test_gemma3_greedy_tokens_and_logprobs_equal_transformers(gemma3_dir, prompt
     assert engine.kv_cache.num_free_blocks == 300
 
 
-def test_gemma3_text_prompts_start_with_its_bos(gemma3_dir):
+def test_gemma3_text_prompts_start_with_its_bos(engine, gemma3_dir):
     """Text is tokenized as transformers tokenizes it (Gemma reads garbage without its <bos>)."""
-    engine = LLMEngine(gemma3_dir, EngineConfig(num_blocks=16, max_model_len=4096))
     prompt = "The capital of France is"
     assert engine.new_request(prompt).prompt_token_ids[0] == engine.tokenizer.bos_token_id
     out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import RAYFOUNDRY, env_with_home, run
 
-TOKENS, WINDOW = 20_480, 512
+TOKENS, WINDOW = 4096, 512  # eight windows: the comparison is the same at any length
 
 
 def validation_tokens_read_directly(dataset_dir, count):

@@ -14,7 +14,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     """`rayfoundry up` (twice: the second only reports); stopped afterwards if this test started it."""
-    env = env_with_home(tmp_path_factory.mktemp("home"))
+    env = env_with_home(tmp_path_factory.mktemp("home"), jobs_here=False)
     was_running = running_version() is not None
     first = run([*RAYFOUNDRY, "up"], env, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -90,9 +90,9 @@ def test_qat_runs_as_a_ray_job_with_its_run_and_progress_in_the_dashboard(local_
         "model": str(tiny_llama_dir), "recipe": str(recipe), "out": "tiny.int4-qat-job", "force": True,
         "store": str(smollm2_home / "store"), "run_name": run_name, "eval_tokens": 512, "eval_window": 64,
         # Half a CPU each: the cluster may already host a Serve replica on one of a 2-core machine's CPUs.
-        "train": {"workers": 2, "cpus_per_worker": 0.5, "steps": 30, "micro_batch": 2, "seq_len": 32,
-                  "eval_every": 10, "eval_tokens": 256,
-                  "eval_window": 32, "checkpoint_every": 10}}))
+        # Steps enough for Ray's 10 s metrics report to see the run's loss while it trains.
+        "train": {"workers": 2, "cpus_per_worker": 0.5, "steps": 16, "micro_batch": 2, "seq_len": 32,
+                  "eval_every": 8, "eval_tokens": 256, "eval_window": 32, "checkpoint_every": 8}}))
     submitted = run([RAY, "job", "submit", "--no-wait", "--working-dir", ".", "--", "python", "-m", "jobs.qat",
                      "--config", str(config)], local_cluster, cwd=REPO, timeout=300)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]

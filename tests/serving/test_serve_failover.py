@@ -12,24 +12,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import local_serve
+from serving.conftest import deployed
 
 pytestmark = pytest.mark.slow
 APP = "failover"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama_long_dir):
-    from ray import serve
-
+def served(serve_cluster, tiny_llama_long_dir):
     from serve_apps.app import build_app
 
     model = {"model_id": "tiny", "model": str(tiny_llama_long_dir), "num_replicas": 2, "num_cpus_per_replica": 1,
              "router": "kv_aware", "routing_stats_period_s": 0.5,
              "engine": {"num_blocks": 512, "max_num_batched_tokens": 256}}
-    with local_serve(3) as port:
-        serve.run(build_app({"models": [model], "ingress_num_cpus": 0}), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+    with deployed(build_app({"models": [model], "ingress_num_cpus": 0}), APP):
+        yield serve_cluster.url
 
 
 def _replica_pids() -> list[int]:

@@ -9,7 +9,8 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO, local_serve
+from conftest import REPO
+from serving.conftest import deployed
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
 CONFIG = REPO / "configs" / "serve" / "smollm2.yaml"
@@ -17,16 +18,13 @@ MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def smollm2_served(smollm2_home):
-    """The config file's application, on a local Ray whose workers read the test's store."""
-    from ray import serve
-
+def smollm2_served(serve_cluster):
+    """The config file's application, on the shared local Ray (its workers read the test's store)."""
     from serve_apps.app import build_app
 
     (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
-    with local_serve(2, worker_env={"RAYFOUNDRY_HOME": str(smollm2_home)}) as port:
-        serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
-        yield port
+    with deployed(build_app(app["args"]), app["name"], app["route_prefix"]):
+        yield serve_cluster.port
 
 
 def test_openai_client_streamed_and_whole(smollm2_served):

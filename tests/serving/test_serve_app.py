@@ -11,23 +11,22 @@ from email.message import Message
 
 import pytest
 
-from conftest import free_port, local_serve
+from conftest import REPO
+from serving.conftest import deployed
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
 API_KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
+def metrics_port(serve_cluster) -> int:
+    return serve_cluster.metrics_port
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama_dir, tiny_llama_long_dir, metrics_port):
-    """`serve.run` of build_app on a fresh local Ray (3 logical CPUs: the ingress and five replicas
-    at 0.5 each); yields the base URL."""
-    from ray import serve
-
+def served(serve_cluster, tiny_llama_dir, tiny_llama_long_dir):
+    """build_app deployed on the shared local Ray (the ingress and five replicas at 0.5 CPU each);
+    yields the base URL."""
     from serve_apps.app import build_app
 
     tiny = {"model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
@@ -37,11 +36,8 @@ def served(tiny_llama_dir, tiny_llama_long_dir, metrics_port):
               {"model_id": "long", "model": str(tiny_llama_long_dir), "num_cpus_per_replica": 0.5,
                "engine": {"num_blocks": 256, "max_num_batched_tokens": 256}},
               {**tiny, "model_id": "ray-prefix", "router": "ray_prefix"}]
-    # Metrics reach Ray's endpoint every 0.5 s instead of 10, so the metrics tests need not wait.
-    with local_serve(3, process_env={"RAY_metrics_report_interval_ms": "500"},
-                     _metrics_export_port=metrics_port) as port:
-        serve.run(build_app({"models": models, "api_keys": [API_KEY]}), name="llm", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+    with deployed(build_app({"models": models, "api_keys": [API_KEY]}), "llm"):
+        yield serve_cluster.url
 
 
 @pytest.fixture
@@ -304,11 +300,9 @@ def test_rayfoundry_serve_rejects_a_bad_config_in_one_line(tmp_path, capsys, arg
 
 
 def test_the_shipped_serve_config_is_valid():
-    from pathlib import Path
-
     from serve_apps.serve_run import check
 
-    assert check(Path(__file__).parent.parent / "configs" / "serve" / "smollm2.yaml") == 1
+    assert check(REPO / "configs" / "serve" / "smollm2.yaml") == 1
 
 
 def _metric_lines(metrics_port: int, model: str) -> list[str]:

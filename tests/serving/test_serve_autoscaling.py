@@ -8,23 +8,21 @@ import urllib.request
 
 import pytest
 
-from conftest import local_serve
+from serving.conftest import deployed
 
 
 @pytest.fixture
-def autoscaled(tiny_llama_dir):
-    from ray import serve
-
+def autoscaled(serve_cluster, tiny_llama_dir):
     from serve_apps.app import build_app
 
-    # Handles report their queue lengths every 0.5 s instead of 10, so the test takes seconds.
-    with local_serve(3, worker_env={"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}) as port:
-        serve.run(build_app({"models": [{
-            "model_id": "tiny", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                            "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 2},
-            "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}]}), name="llm", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+    # The shared Ray's handles report their queue lengths every 0.5 s instead of 10: the test takes seconds.
+    app = build_app({"models": [{
+        "model_id": "tiny", "model": str(tiny_llama_dir), "num_cpus_per_replica": 0.5,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 2},
+        "engine": {"num_blocks": 64, "max_num_batched_tokens": 64}}]})
+    with deployed(app, "llm"):
+        yield serve_cluster.url
 
 
 def _running_replicas() -> int:
