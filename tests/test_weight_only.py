@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jobs.compress.weight_only import WeightOnlyConfig, quantize_weights
+from jobs.compress.weight_only import WeightOnlyConfig
 from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 
@@ -22,7 +22,7 @@ def _logits(model, ids):
 def test_matching_linears_are_swapped_and_outputs_stay_close(tiny_model, bits, group_size, layer_class, tolerance):
     ids = torch.randint(100, 1000, (1, 12))
     before = _logits(tiny_model, ids)
-    swapped = quantize_weights(tiny_model, WeightOnlyConfig(bits=bits, group_size=group_size, exclude=["lm_head"]))
+    swapped = WeightOnlyConfig(bits=bits, group_size=group_size, exclude=["lm_head"]).apply(tiny_model, None)
     assert "lm_head" not in swapped and "model.layers.0.self_attn.q_proj" in swapped
     assert all(isinstance(tiny_model.get_submodule(name), layer_class) for name in swapped)
     assert len(swapped) == 2 * 7  # two layers of q, k, v, o, gate, up, down
@@ -31,9 +31,9 @@ def test_matching_linears_are_swapped_and_outputs_stay_close(tiny_model, bits, g
 
 def test_bad_configs_change_nothing(tiny_model):
     with pytest.raises(ValueError, match="matches no linear"):
-        quantize_weights(tiny_model, WeightOnlyConfig(modules=["*.attention.*"]))
+        WeightOnlyConfig(modules=["*.attention.*"]).apply(tiny_model, None)
     with pytest.raises(ValueError, match="does not divide"):
-        quantize_weights(tiny_model, WeightOnlyConfig(bits=4, group_size=48))
+        WeightOnlyConfig(bits=4, group_size=48).apply(tiny_model, None)
     assert not any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear)) for m in tiny_model.modules())
     with pytest.raises(ValueError, match="bits"):
         WeightOnlyConfig(bits=3)

@@ -38,8 +38,3 @@ class WeightOnlyConfig(WeightOnlyBits):
 
     def fake_quant_layer(self, linear: nn.Linear) -> nn.Module:
         return FakeQuantLinear.from_linear(linear, LAYERS[self.bits].weight_spec(self.group_size))
-
-
-def quantize_weights(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
-    """Swap the matching linears in place; returns their names."""
-    return config.apply(model, None)
