@@ -69,12 +69,6 @@ def _echoed(first: Chunk, prompt_text: str) -> Chunk:
                                logprobs=(first.prompt_logprobs or []) + first.logprobs)
 
 
-async def _prepend(first: Chunk, rest) -> AsyncIterator[Chunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk
-
-
 async def _merge(choices: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
     """Chunks of all choices as they come, tagged with their choice index."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -100,32 +94,66 @@ async def _merge(choices: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int
             task.result()  # surface a stream's error
     finally:
         for task in tasks:
-            task.cancel()  # the client went away: cancelling aborts the requests
-
-
-class Choices(list):
-    """The streams of a request's choices, and the replica that answered the first."""
-
-    def __init__(self, streams: list[AsyncIterator[Chunk]], replica: str):
-        super().__init__(streams)
-        self.replica = replica
+            task.cancel()  # the reader went away; Choices.cancel_unfinished stops the replicas
 
 
 def _replica_header(replica: str) -> dict:
     return {"X-Rayfoundry-Replica": replica} if replica else {}
 
 
-def _sse(events: AsyncIterator[dict], replica: str) -> StreamingResponse:
-    async def body():
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
-        except Exception as error:  # the 200 has gone out: the error goes in the stream, as OpenAI sends it
-            logger.exception("a streamed request failed")
-            yield f"data: {json.dumps(failure(error).body())}\n\n"
-        yield "data: [DONE]\n\n"
+async def _sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
+    except Exception as error:  # the 200 has gone out: the error goes in the stream, as OpenAI sends it
+        logger.exception("a streamed request failed")
+        yield f"data: {json.dumps(failure(error).body())}\n\n"
+    yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=_replica_header(replica))
+
+class Choices(list):
+    """The streams of a request's choices (each already past its first chunk), and the replica that
+    answered the first. It knows which replica responses are still generating, so that a reply that
+    ends early (the client went away) can stop them: Serve's own propagation of a cancelled HTTP
+    request does not reach them every time, and Starlette never closes an abandoned stream's
+    generators (the engine would go on generating until the garbage collector found them)."""
+
+    def __init__(self, responses: list, firsts: list[Chunk]):
+        self.responses = responses
+        self.finished = [False] * len(responses)
+        super().__init__(self._stream(i, first, rest) for i, (first, rest) in enumerate(zip(firsts, responses)))
+        self.replica = firsts[0].replica
+
+    async def _stream(self, index: int, first: Chunk, rest) -> AsyncIterator[Chunk]:
+        yield first
+        async for chunk in rest:
+            yield chunk
+        self.finished[index] = True
+
+    def cancel_unfinished(self) -> None:
+        _cancel(response for response, done in zip(self.responses, self.finished) if not done)
+
+
+class _EventStream(StreamingResponse):
+    """SSE whose end, however it comes (done, client gone, cancelled), stops what still generates."""
+
+    def __init__(self, events: AsyncIterator[dict], choices: Choices):
+        super().__init__(_sse_lines(events), media_type="text/event-stream", headers=_replica_header(choices.replica))
+        self.choices = choices
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.choices.cancel_unfinished()
+
+
+async def _whole(reply, choices: Choices) -> JSONResponse:
+    """A whole reply's JSON; a request cancelled while it is gathered stops its replicas."""
+    try:
+        return JSONResponse(await reply, headers=_replica_header(choices.replica))
+    finally:
+        choices.cancel_unfinished()
 
 
 class _Totals:
@@ -259,7 +287,7 @@ class Ingress:
             raise
         if echo is not None:
             firsts = [_echoed(first, echo) for first in firsts]
-        return Choices([_prepend(first, stream) for first, stream in zip(firsts, streams)], firsts[0].replica)
+        return Choices(streams, firsts)
 
     # -- routes -----------------------------------------------------------------------------
     @api.get("/health")
@@ -280,8 +308,8 @@ class Ingress:
         choices = await self._choices(body, token_ids, echo)
         meta = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model}
         if body.stream:
-            return _sse(_stream_completion(meta, choices, body), choices.replica)
-        return JSONResponse(await _whole_completion(meta, choices, body), headers=_replica_header(choices.replica))
+            return _EventStream(_stream_completion(meta, choices, body), choices)
+        return await _whole(_whole_completion(meta, choices, body), choices)
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest, request: Request):
@@ -289,5 +317,5 @@ class Ingress:
         choices = await self._choices(body, self._token_ids(body))
         meta = {"id": new_id("chatcmpl"), "created": now(), "model": body.model}
         if body.stream:
-            return _sse(_stream_chat(meta, choices, body), choices.replica)
-        return JSONResponse(await _whole_chat(meta, choices, body), headers=_replica_header(choices.replica))
+            return _EventStream(_stream_chat(meta, choices, body), choices)
+        return await _whole(_whole_chat(meta, choices, body), choices)

@@ -5,7 +5,7 @@ import json
 from ray.exceptions import ActorDiedError, RayTaskError
 
 from serve_apps.engine.errors import EngineDeadError
-from serve_apps.ingress import _sse
+from serve_apps.ingress import _sse_lines
 from serve_apps.openai_errors import failure
 
 
@@ -23,7 +23,7 @@ def test_a_stream_that_fails_after_its_200_ends_with_an_error_event():
         raise EngineDeadError("the engine stopped on an internal error")
 
     async def body() -> list[str]:
-        return [part async for part in _sse(events(), "").body_iterator]
+        return [part async for part in _sse_lines(events())]
 
     first, error, done = asyncio.run(body())
     assert json.loads(first.removeprefix("data: "))["choices"][0]["text"] == "Once"

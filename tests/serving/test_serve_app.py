@@ -361,8 +361,9 @@ def test_a_client_that_disconnects_aborts_its_request_and_frees_its_blocks(serve
         time.sleep(0.5)
     stats = handle.record_routing_stats.remote().result()
     assert stats["num_requests"] == 0 and stats["num_free_blocks"] == 256
-    assert _scrape(metrics_port, "ray_rayfoundry_engine_aborted_requests_total", "long") == 1
-    assert _scrape(metrics_port, "ray_rayfoundry_engine_generation_tokens_total", "long") < 3000
+    generated = _scrape(metrics_port, "ray_rayfoundry_engine_generation_tokens_total", "long")
+    assert _scrape(metrics_port, "ray_rayfoundry_engine_aborted_requests_total", "long") == 1, f"{generated} tokens"
+    assert generated < 3000
 
 
 def test_ray_prefix_router_serves_token_ids_chat_and_several_choices(client):
