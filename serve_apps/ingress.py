@@ -43,7 +43,7 @@ logger = logging.getLogger("ray.serve")
 
 
 def _cancel(streams) -> None:
-    """Stop choices already started when another one fails: nobody would read them."""
+    """Stop replica responses nobody will read (another choice failed, or the client went away)."""
     for stream in streams:
         with contextlib.suppress(Exception):  # one that never started: Serve's cancel re-raises why
             stream.cancel()

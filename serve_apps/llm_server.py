@@ -3,7 +3,8 @@
 The ingress tokenizes (serve_apps/prompts.py) and builds the params, so the router can hash
 prompts and the replica never sees HTTP; the replica reports the block hashes its prefix cache
 holds as Serve routing stats. A stream that its caller abandons (the client went away) is
-cancelled by Serve, and the engine aborts the request, freeing its KV blocks.
+cancelled by the ingress (serve_apps/ingress.py, Choices), and the engine aborts the request,
+freeing its KV blocks.
 """
 from __future__ import annotations
 
