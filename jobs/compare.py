@@ -18,23 +18,20 @@ from pathlib import Path
 import torch
 from pydantic import Field
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from cluster.config import StrictConfig, load_config
 from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store
-from jobs.bench.ours import run_engine
+from jobs.bench.decode import decode_rates
 from jobs.bench.report import markdown_table, png_figure, store_results
-from jobs.bench.workloads import random_prompts
-from jobs.compress.checkpoint import compressed_modules
 from jobs.compress.pipeline import compress_model
 from jobs.compress.recipe import Recipe
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
+from jobs.eval.size import compressed_linear_bytes
 from jobs.models.load import load_causal_lm, model_dir, open_model
 from serve_apps.engine.config import EngineConfig
-from serve_apps.engine.llm_engine import LLMEngine
 
 BASELINE = "fp32"
 
@@ -65,25 +62,9 @@ def checkpoint_for(config: CompareConfig, recipe: Recipe, store: Store) -> str:
     return name
 
 
-def linear_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of the compressed linears as stored, their bytes as float32 nn.Linear)."""
-    stored = dense = 0
-    for layer in compressed_modules(model).values():
-        stored += layer.num_bytes()
-        dense += 4 * (layer.in_features * layer.out_features + (0 if layer.bias is None else layer.out_features))
-    return stored, dense
-
-
-def decode_rates(path: Path, config: CompareConfig) -> dict[str, float]:
-    engine = LLMEngine(path, config.engine)
-    vocab = AutoConfig.from_pretrained(path).vocab_size
-    run_engine(engine, "warm-up", "warm-up", random_prompts(2, 8, vocab, seed=99), 4)
-    rates = {}
-    for n in config.batch_sizes:
-        measured = run_engine(engine, "ours", f"batch {n}", random_prompts(n, config.prompt_tokens, vocab, seed=n),
-                              config.max_tokens)
-        rates[f"decode_tok_s_b{n}"] = measured.decode_tokens_per_s
-    return rates
+def decode_columns(path: Path, config: CompareConfig) -> dict[str, float | None]:
+    rates = decode_rates(path, config.engine, config.batch_sizes, config.prompt_tokens, config.max_tokens)
+    return {f"decode_tok_s_b{n}": rate for n, rate in rates.items()}
 
 
 def measure(name: str, ref: str, config: CompareConfig, tokens: torch.Tensor, store: Store) -> dict:
@@ -91,11 +72,11 @@ def measure(name: str, ref: str, config: CompareConfig, tokens: torch.Tensor, st
     model = load_causal_lm(path)
     with tqdm(total=-(-len(tokens) // config.window), desc=f"{name} perplexity", file=sys.stderr) as bar:
         ppl = perplexity(model, tokens, config.window, progress=bar.update).ppl
-    stored, dense = linear_bytes(model)
+    stored, dense = compressed_linear_bytes(model)
     del model
     row = {"variant": name, "model": ref, "ppl": ppl, "linears_bytes": stored, "linears_fp32_bytes": dense,
            "model_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
-    return {**row, **decode_rates(path, config)}
+    return {**row, **decode_columns(path, config)}
 
 
 def add_ratios(rows: list[dict], batch_sizes: list[int]) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from cluster.errors import UserError
 from cluster.store import Store, has_scheme, put_location
+from jobs.compress.calibration import CalibrationConfig
 from jobs.compress.checkpoint import save_compressed
 from jobs.compress.recipe import Recipe, apply_recipe
 from jobs.data.prepared import check_tokenized_for, open_dataset
@@ -20,9 +21,10 @@ from jobs.models.load import load_causal_lm, model_dir
 
 def calibration_tokens(recipe: Recipe, model: str, model_path: Path, store: Store) -> torch.Tensor | None:
     """The recipe's calibration tokens for `model` (as the user named it, found at `model_path`)."""
-    if recipe.calibration is None:
-        return None
-    cal = recipe.calibration
+    return None if recipe.calibration is None else tokens_for(recipe.calibration, model, model_path, store)
+
+
+def tokens_for(cal: CalibrationConfig, model: str, model_path: Path, store: Store) -> torch.Tensor:
     dataset = open_dataset(cal.data, store)
     check_tokenized_for(dataset, model_path, model)
     if cal.split not in dataset.manifest["splits"]:

@@ -49,20 +49,43 @@ def window_nll_sum(model: torch.nn.Module, batch: torch.Tensor) -> float:
     ).item()
 
 
-def perplexity(
-    model: torch.nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4, progress=None
-) -> Perplexity:
+@dataclass(frozen=True)
+class Partial:
+    """Perplexity so far: the first `windows` windows of the stream, as each batch is scored."""
+
+    nll_sum: float
+    predicted: int
+    windows: int
+    tokens: int
+
+    @property
+    def nll(self) -> float:
+        return self.nll_sum / self.predicted
+
+
+def perplexity_stream(model: torch.nn.Module, tokens: torch.Tensor, window: int = 512,
+                      batch_size: int = 4) -> Iterator[Partial]:
+    """The running totals after each batch of windows, so a caller can report (and stop) early."""
     if window < 2:
         raise ValueError("window must be at least 2 tokens")
     windows = windows_of(tokens.long().flatten(), window)
     if not windows:
         raise ValueError("need at least 2 tokens to measure perplexity")
     device = next(model.parameters()).device
-    total_nll, predicted = 0.0, 0
+    nll_sum, predicted, done, read = 0.0, 0, 0, 0
     for batch in batches_of(windows, batch_size):
-        total_nll += window_nll_sum(model, batch.to(device))
+        nll_sum += window_nll_sum(model, batch.to(device))
         predicted += batch.numel() - batch.shape[0]
+        done, read = done + batch.shape[0], read + batch.numel()
+        yield Partial(nll_sum, predicted, done, read)
+
+
+def perplexity(
+    model: torch.nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4, progress=None
+) -> Perplexity:
+    last = None
+    for partial in perplexity_stream(model, tokens, window, batch_size):
         if progress is not None:
-            progress(batch.shape[0])
-    nll = total_nll / predicted
-    return Perplexity(math.exp(nll), nll, int(tokens.numel()), predicted, len(windows))
+            progress(partial.windows - (last.windows if last else 0))
+        last = partial
+    return Perplexity(math.exp(last.nll), last.nll, int(tokens.numel()), last.predicted, last.windows)
