@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +33,13 @@ class CalibrationConfig(StrictConfig):
     seq_len: int = Field(512, ge=2, description="tokens per sequence")
     batch_size: int = Field(4, ge=1)
     max_samples: int = Field(512, ge=1, description="input rows kept per layer for `samples`")
+    # sequential: each step calibrates on the model as the earlier steps left it, so it sees the
+    #   inputs it will really get (the errors of earlier compressed layers included); one pass per step.
+    # original: one pass over the untouched model serves every step, and can be computed once and
+    #   reused by every recipe tried on the model (stats_cache); later steps then see the inputs of the
+    #   uncompressed model, not those the earlier steps' compression leaves them.
+    stats_from: Literal["sequential", "original"] = Field(
+        "sequential", description="calibrate each step on the model as earlier steps left it, or all on the original")
 
 
 @dataclass
