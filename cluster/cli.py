@@ -62,7 +62,8 @@ def cmd_list(kind: str):
 
 
 def _source_of(artifact) -> str:
-    """A model records the reference it was added from; a dataset its source config."""
+    """A model records the reference it was added from; a dataset its source config; cached
+    statistics the model they describe."""
     source = artifact.manifest.get("source", "")
     return source.get("kind", "") if isinstance(source, dict) else str(source)
 
@@ -104,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "models": sub.add_parser("models", help="models in the store").add_subparsers(dest="action", required=True),
         "data": sub.add_parser("data", help="datasets in the store").add_subparsers(dest="action", required=True),
         "eval": sub.add_parser("eval", help="measure quality").add_subparsers(dest="action", required=True),
+        "cache": sub.add_parser("cache", help="calibration statistics kept for reuse").add_subparsers(
+            dest="action", required=True),
     }
-    for group, kind in (("models", "models"), ("data", "datasets")):
+    for group, kind in (("models", "models"), ("data", "datasets"), ("cache", "cache")):
         _add_store_commands(groups[group], kind)
     # Listed for --help only: `_main` hands these to their job module before parsing.
     for (group, action), module in DELEGATED.items():

@@ -2,7 +2,7 @@
 
 Layout under the store root (a local path, file://, s3:// or gs:// URI):
 
-    <root>/<kind>/<name>/...files...        kind is models | datasets | results
+    <root>/<kind>/<name>/...files...        kind is models | datasets | results | cache
     <root>/<kind>/<name>/manifest.json      sha256 and size of every file, written last
 
 An artifact exists only once its manifest exists. Writes are staged under `<root>/.staging/`
@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from cluster.errors import UserError
 
 MANIFEST = "manifest.json"
-KINDS = ("models", "datasets", "results")
+KINDS = ("models", "datasets", "results", "cache")  # cache: calibration statistics kept for reuse
 _HASH_CHUNK = 8 << 20
 
 

@@ -50,6 +50,7 @@ class SmoothQuantConfig(Step):
     alpha: float = Field(0.5, ge=0, le=1, description="how much of the activations' range moves to the weights")
 
     STATS = frozenset({"abs_max"})
+    REWRITES_INPUTS = True
 
     def check(self, model: nn.Module) -> None:
         super().check(model)

@@ -42,6 +42,9 @@ class Step(StrictConfig):
     STATS: ClassVar[frozenset[str]] = frozenset()
     # Whether each chosen layer is compressed on its own (so one layer alone can be tried).
     PER_LAYER: ClassVar[bool] = True
+    # Whether this step changes, on purpose, the inputs other layers see (rescales or removes input
+    # channels), so that statistics taken before it no longer describe them.
+    REWRITES_INPUTS: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _check_overrides(self):

@@ -42,6 +42,7 @@ def _lowest(scores: torch.Tensor, count: int) -> set[int]:
 class StructuredConfig(Step):
     method: Literal["structured"] = "structured"
     PER_LAYER = False
+    REWRITES_INPUTS = True
     target: Literal["heads", "neurons", "layers"]
     fraction: float = Field(ge=0, lt=1, description="of each layer's heads or neurons, or of the layers")
     score: Literal["magnitude", "activation"] = "magnitude"
