@@ -6,6 +6,8 @@ import sys
 from collections.abc import Callable
 
 USAGE_EXIT_CODE = 2
+# A search ran and no trial met its quality budget (results are still written).
+BUDGET_NOT_MET_EXIT_CODE = 3
 
 
 class UserError(Exception):

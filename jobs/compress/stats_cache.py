@@ -83,6 +83,14 @@ def entry_name(model_name: str, key: str) -> str:
     return f"calib-{readable}-{key[:16]}"
 
 
+def entry_for(model: Artifact, dataset: Artifact, calibration: CalibrationConfig, kinds: Iterable[str],
+              layers: Iterable[str]) -> tuple[str, str]:
+    """(artifact name, full key) of the statistics for this model, data, settings, kinds and layers."""
+    key = cache_key(model_identity(model), data_identity(dataset, calibration.split), calibration,
+                    sorted(kinds), sorted(layers))
+    return entry_name(model.name, key), key
+
+
 def load_stats(artifact: Artifact) -> dict[str, InputStats]:
     return stats_from_tensors(load_file(materialize(artifact) / STATS_FILE))
 
@@ -105,8 +113,7 @@ def load_or_collect(store: Store, model: Artifact, dataset: Artifact, calibratio
     """The statistics stored for this model, data, settings, kinds and layers; when none are,
     `collect()` makes them and they are stored for next time."""
     kinds, layers = sorted(kinds), sorted(layers)
-    key = cache_key(model_identity(model), data_identity(dataset, calibration.split), calibration, kinds, layers)
-    name = entry_name(model.name, key)
+    name, key = entry_for(model, dataset, calibration, kinds, layers)
     if (cached := store.get(KIND, name)) is not None and cached.manifest.get("key") == key:
         print(f"calibration statistics: reusing stored {KIND} '{name}'")
         return load_stats(cached)

@@ -1,0 +1,167 @@
+"""A search from start to end: checks, the uncompressed baseline, Tune's trials, results, the chosen
+recipe compressed into the model store and its perplexity reproduced."""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import torch
+import yaml
+from ray import tune
+
+from cluster.errors import BUDGET_NOT_MET_EXIT_CODE
+from cluster.store import Store
+from jobs.bench.decode import decode_rates
+from jobs.compress.pipeline import compress_model
+from jobs.compress.recipe import Recipe
+from jobs.eval.perplexity import perplexity, perplexity_stream
+from jobs.eval.size import linear_bytes
+from jobs.models.load import load_causal_lm, model_dir, open_model
+from jobs.search.config import SearchConfig
+from jobs.search.front import choose, closest
+from jobs.search.prepare import Prepared, prepare
+from jobs.search.results import annotate, markdown, store_search_results, trial_rows
+from jobs.search.searchers import make_searcher, metric_key
+from jobs.search.shared import ensure_statistics
+from jobs.search.space import grid_space, param_space
+from jobs.search.stopping import make_stopping
+from jobs.search.trial import TrialContext, objective_values, run_name, run_trial
+from jobs.train.run import claim_run, connect, runs_uri
+
+
+def run_search(config: SearchConfig, trial_fn: Callable = run_trial) -> int:
+    """Exit code: 0 with a chosen recipe, BUDGET_NOT_MET_EXIT_CODE when no trial met the budget.
+    `trial_fn` is Tune's trainable (tests wrap run_trial to make one fail)."""
+    store = Store(config.store)
+    prepared = prepare(config, store)
+    # A resumed run must be the same search; `force` itself is not part of what it was.
+    claim_run(config.model_copy(update={"force": False}), run_name(config), store, fresh=config.force)
+    connect(config.ray_address, config.resources_per_trial.cpu * config.concurrency)
+    # The baseline and the shared calibration statistics, side by side where CPUs allow.
+    cpus = config.resources_per_trial.cpu
+    baseline_ref = measure_baseline.options(num_cpus=cpus).remote(config, str(prepared.model_path),
+                                                                  prepared.eval_tokens)
+    stats_ref = ensure_statistics.options(num_cpus=cpus).remote(config, prepared.groups, store.uri)
+    (nll, baseline), stats_entry = ray.get([baseline_ref, stats_ref])
+    limit = config.budget.limit(baseline["ppl"])
+    context = TrialContext(config, prepared.groups, prepared.found, str(prepared.model_path), store.uri,
+                           prepared.eval_tokens, stats_entry, nll, limit / baseline["ppl"], prepared.seed_names,
+                           baseline)
+    started = time.time()
+    rows = trial_rows(fit(config, context, prepared, store, trial_fn), context)
+    front = annotate(rows, baseline, limit, config.objectives)
+    chosen = choose(rows, limit, config.choose.minimize, decode_floor(config, rows, baseline))
+    summary = summarize(config, rows, baseline, limit, chosen, time.time() - started)
+    chosen_yaml = None
+    if chosen is not None:
+        chosen_yaml = chosen["recipe_yaml"]
+        summary["chosen_model"], summary["reproduced"] = store_chosen(config, chosen, prepared, store)
+    uri = store_search_results(config, rows, front, baseline, limit, summary, chosen_yaml, store)
+    print(markdown(config, rows, front, baseline, summary))
+    print(f"results: {uri}")
+    if chosen is None:
+        near = closest(rows)
+        where = f"; closest: {near['recipe_name']} ppl {near['ppl']:.4g} ({near['ppl_change']:+.1%})" if near else ""
+        print(f"no trial met ppl <= {limit:.4g}{where}")
+        return BUDGET_NOT_MET_EXIT_CODE
+    print(f"chosen: {chosen['recipe_name']} -> model {summary['chosen_model']}")
+    return 0
+
+
+@ray.remote
+def measure_baseline(config: SearchConfig, model_path: str, tokens: torch.Tensor) -> tuple[list[float], dict]:
+    """The uncompressed model measured as a trial is: nll after each batch of windows, and its row."""
+    torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
+    model = load_causal_lm(Path(model_path))
+    partials = list(perplexity_stream(model, tokens, config.eval.window, config.eval.batch_size))
+    row = {"recipe_name": "uncompressed", "seed_name": "fp32", "is_seed": False, "ppl": math.exp(partials[-1].nll),
+           "ppl_ratio": 1.0, "windows_done": partials[-1].windows, "tokens_evaluated": partials[-1].tokens,
+           "linear_bytes": linear_bytes(model), "final": True,
+           "checkpoint_bytes": sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))}
+    del model
+    wanted = {1: "decode_b1", config.speed.batch_n: "decode_bN"}
+    wanted = {n: key for n, key in wanted.items() if key in config.measured()}
+    if wanted:
+        rates = decode_rates(Path(model_path), config.speed.engine, list(wanted), config.speed.prompt_tokens,
+                             config.speed.max_tokens)
+        row |= {key: rates[n] for n, key in wanted.items()}
+    return [p.nll for p in partials], {**row, **objective_values(row, config)}
+
+
+def fit(config: SearchConfig, context: TrialContext, prepared: Prepared, store: Store, trial_fn: Callable):
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context),
+                                    {"cpu": config.resources_per_trial.cpu, "gpu": config.resources_per_trial.gpu})
+    path = f"{runs_uri(store)}/{run_name(config)}"
+    if tune.Tuner.can_restore(path):
+        print(f"resuming search {config.name} from {path}: finished trials are not run again", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        tuner = new_tuner(config, context, prepared, store, trainable)
+    return tuner.fit()
+
+
+def new_tuner(config: SearchConfig, context: TrialContext, prepared: Prepared, store: Store, trainable) -> tune.Tuner:
+    grid = config.searcher.kind == "grid"
+    windows = math.ceil(config.eval.tokens / config.eval.window)
+    stopper, scheduler = make_stopping(config.early_stopping, context.limit_ratio, windows)
+    worst = {metric_key(o): worst_value(o, context.baseline) for o in config.objectives}
+    return tune.Tuner(
+        trainable,
+        param_space=grid_space(prepared.found) if grid else param_space(prepared.found),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(config, prepared.seed_points, context.limit_ratio, worst),
+            scheduler=scheduler, num_samples=1 if grid else config.num_trials,
+            max_concurrent_trials=config.concurrency),
+        run_config=tune.RunConfig(
+            name=run_name(config), storage_path=runs_uri(store), stop=stopper,
+            failure_config=tune.FailureConfig(max_failures=config.max_retries, fail_fast=False)),
+    )
+
+
+def worst_value(objective: str, baseline: dict) -> float:
+    """What the searcher is told for an objective a trial never measured: no better than the
+    uncompressed model's bytes, no tokens/s at all."""
+    return 0.0 if objective.startswith("decode") else float(baseline.get(objective) or 0.0)
+
+
+def decode_floor(config: SearchConfig, rows: list[dict], baseline: dict) -> float | None:
+    reference = config.choose.min_decode_b1_vs
+    if reference is None:
+        return None
+    if reference == "fp32":
+        return baseline["decode_b1"]
+    measured = [r["decode_b1"] for r in rows if r["seed_name"] == reference and r.get("decode_b1")]
+    return max(measured, default=None)
+
+
+def summarize(config: SearchConfig, rows: list[dict], baseline: dict, limit: float, chosen: dict | None,
+              seconds: float) -> dict:
+    ran = [r for r in rows if r["status"] != "error" and not r.get("cached")]
+    evaluated = sum(r["tokens_evaluated"] or 0 for r in ran)
+    full = len(ran) * baseline["tokens_evaluated"]
+    cpu_seconds = sum((r.get("time_total_s") or 0) for r in rows) * config.resources_per_trial.cpu
+    return {"model": config.model, "baseline": baseline, "limit": limit, "budget": config.budget.model_dump(),
+            "trials": dict(Counter(r["status"] for r in rows)), "tokens_evaluated": evaluated,
+            "tokens_if_run_to_end": full, "early_stop_saving": full / evaluated if evaluated else 1.0,
+            "cpu_hours": cpu_seconds / 3600, "wall_s": seconds,
+            "chosen": chosen["recipe_name"] if chosen else None}
+
+
+def store_chosen(config: SearchConfig, chosen: dict, prepared: Prepared, store: Store) -> tuple[str, dict]:
+    """Compress the chosen recipe into the model store as `python -m jobs.compress` would, then measure
+    that stored checkpoint's perplexity: it must equal the trial's to 4 significant digits."""
+    recipe = Recipe.model_validate(yaml.safe_load(chosen["recipe_yaml"]))
+    name = f"{open_model(config.model, store).name}.{recipe.name}"
+    compress_model(config.model, recipe, name, store, force=True)
+    torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
+    again = perplexity(load_causal_lm(model_dir(name, store)), prepared.eval_tokens, config.eval.window,
+                       config.eval.batch_size).ppl
+    same = f"{again:.4g}" == f"{chosen['ppl']:.4g}"
+    if not same:
+        print(f"warning: the stored {name} measures ppl {again:.6g}, the trial {chosen['ppl']:.6g}")
+    return name, {"trial_ppl": chosen["ppl"], "stored_ppl": again, "same_to_4_digits": same}
