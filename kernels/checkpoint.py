@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from kernels.compressed import CompressedLinear
 from kernels.low_rank import LowRankLinear
-from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from kernels.quant_linear import (Int2WeightOnlyLinear, Int3WeightOnlyLinear, Int4WeightOnlyLinear,
+                                  Int8WeightOnlyLinear)
 from kernels.sparse_linear import SemiStructuredLinear, SparseLinear
 from kernels.w8a8_linear import W8A8Linear
 
@@ -33,6 +34,8 @@ CHECKPOINT_VERSION = 1
 FORMATS: dict[str, type[CompressedLinear]] = {
     "int8_weight_only": Int8WeightOnlyLinear,
     "int4_weight_only": Int4WeightOnlyLinear,
+    "int3_weight_only": Int3WeightOnlyLinear,
+    "int2_weight_only": Int2WeightOnlyLinear,
     "w8a8": W8A8Linear,
     "low_rank": LowRankLinear,
     "sparse": SparseLinear,

@@ -7,7 +7,8 @@ rounding; `fake_quantize` does both in one differentiable step (straight-through
 quantization-aware training sees the rounding in its forward pass and passes gradients through.
 
 Codes are one byte whatever the bit width: int8 for symmetric, uint8 (offset by the zero point)
-for asymmetric; `pack_int4` puts two 4-bit codes in a byte for storage and the int4 kernels.
+for asymmetric. For storage (and the int4 kernels) narrower codes are packed along the row:
+`pack_int4` two per byte, `pack_int2` four per byte, `pack_int3` eight in three bytes.
 `log_quantize` is the logarithmic activation code of the design's seed articles (finer steps near
 the minimum); a storage/fake-quant code, not one integer matmuls take.
 """
@@ -117,19 +118,77 @@ def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return _RoundTrip.apply(weight, spec)
 
 
+def _check_row_length(tensor: torch.Tensor, multiple: int, what: str) -> None:
+    if tensor.shape[-1] % multiple:
+        raise ValueError(f"{what} needs a last dimension divisible by {multiple}, got {tensor.shape[-1]}")
+
+
+def _sign_extend(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned `bits`-wide fields as int8 two's-complement values."""
+    fields = fields.to(torch.int8)
+    return torch.where(fields >= 2 ** (bits - 1), fields - 2**bits, fields)
+
+
+def _pack_fields(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """8 // bits codes per byte along the last dimension, the first in the lowest bits."""
+    per_byte = 8 // bits
+    _check_row_length(codes, per_byte, f"int{bits} packing")
+    fields = (codes.to(torch.uint8) & (2**bits - 1)).reshape(*codes.shape[:-1], -1, per_byte)
+    packed = torch.zeros(fields.shape[:-1], dtype=torch.uint8, device=codes.device)
+    for i in range(per_byte):
+        packed |= fields[..., i] << (bits * i)
+    return packed
+
+
+def _unpack_fields(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    fields = (packed[..., None] >> shifts) & (2**bits - 1)
+    fields = fields.reshape(*packed.shape[:-1], -1)
+    return _sign_extend(fields, bits) if signed else fields.to(torch.int8)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Two 4-bit codes per byte along the last dimension (low nibble first); codes in [-8, 15]."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even last dimension, got {codes.shape[-1]}")
-    nibbles = codes.to(torch.uint8) & 0xF
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return _pack_fields(codes, 4)
 
 
 def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
     """Inverse of pack_int4: int8 codes, sign-extended when `signed`."""
-    low, high = packed & 0xF, packed >> 4
-    nibbles = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles) if signed else nibbles
+    return _unpack_fields(packed, 4, signed)
+
+
+def pack_int2(codes: torch.Tensor) -> torch.Tensor:
+    """Four 2-bit codes per byte along the last dimension (the first in the lowest bits); codes in [-2, 3]."""
+    return _pack_fields(codes, 2)
+
+
+def unpack_int2(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """Inverse of pack_int2: int8 codes, sign-extended when `signed`."""
+    return _unpack_fields(packed, 2, signed)
+
+
+# 3 bits do not divide a byte: eight codes fill 24 bits, stored as three little-endian bytes.
+_INT3_SHIFTS = torch.arange(0, 24, 3, dtype=torch.int32)
+_BYTE_SHIFTS = torch.arange(0, 24, 8, dtype=torch.int32)
+
+
+def pack_int3(codes: torch.Tensor) -> torch.Tensor:
+    """Eight 3-bit codes in three bytes along the last dimension (the first in the lowest bits of a
+    little-endian 24-bit word); codes in [-4, 7]. The last dimension must be a multiple of 8."""
+    _check_row_length(codes, 8, "int3 packing")
+    fields = (codes.to(torch.int32) & 0x7).reshape(*codes.shape[:-1], -1, 8)
+    words = (fields << _INT3_SHIFTS.to(codes.device)).sum(-1)  # fields do not overlap: sum is bitwise or
+    packed = (words[..., None] >> _BYTE_SHIFTS.to(codes.device)) & 0xFF
+    return packed.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+def unpack_int3(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """Inverse of pack_int3: int8 codes, sign-extended when `signed`."""
+    _check_row_length(packed, 3, "int3 unpacking")
+    triples = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 3)
+    words = (triples << _BYTE_SHIFTS.to(packed.device)).sum(-1)
+    fields = ((words[..., None] >> _INT3_SHIFTS.to(packed.device)) & 0x7).reshape(*packed.shape[:-1], -1)
+    return _sign_extend(fields, 3) if signed else fields.to(torch.int8)
 
 
 def log_quantize(a: torch.Tensor, bits: int, low: float, high: float) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Weight-only quantized linears: int8 codes, or signed int4 codes two per byte, with one float
-scale per output row or per group of inputs (symmetric, round-to-nearest by default).
+"""Weight-only quantized linears: int8 codes, or signed int4/int3/int2 codes packed along each row,
+with one float scale per output row or per group of inputs (symmetric, round-to-nearest by default).
 
-At decode batch sizes a linear layer is bound by reading its weight; the C++ kernel
-(kernels/csrc/weight_only_linear_cpu.cpp) reads the codes — a quarter (int8) or an eighth (int4)
-of fp32's bytes — and widens them in registers. Prefill chunks (hundreds of rows) are
-compute-bound and take the torch reference: dequantize, then F.linear.
+At decode batch sizes a linear layer is bound by reading its weight; for int8 and int4 the C++
+kernel (kernels/csrc/weight_only_linear_cpu.cpp) reads the codes — a quarter (int8) or an eighth
+(int4) of fp32's bytes — and widens them in registers, and on CUDA the Triton kernel does the same.
+Prefill chunks (hundreds of rows) are compute-bound and take the torch reference: dequantize, then
+F.linear. Int3 and int2 have no kernel of their own (native_op None): they are storage formats
+that always take the torch reference.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from torch import nn
 
 from kernels.compressed import CompressedLinear
 from kernels.cpu_ops import native_ops
-from kernels.quant import QTensor, QuantSpec, dequantize, pack_int4, quantize, unpack_int4
+from kernels.quant import (QTensor, QuantSpec, dequantize, pack_int2, pack_int3, pack_int4, quantize, unpack_int2,
+                           unpack_int3, unpack_int4)
 
 # Up to this many rows the C++ kernel beats dequantizing the whole weight for a GEMM (measured on
 # the 2-core reference machine: at 64 rows 0.6 ms against 0.8 ms for 576x1536, 22 ms against 81 ms for
@@ -26,10 +29,15 @@ NATIVE_MAX_ROWS = 64
 class WeightOnlyLinear(CompressedLinear):
     """y = x @ (codes * scale)^T + bias; `codes` as the subclass stores them, scale [out, groups]."""
 
-    ROW_BUFFERS = ("codes", "scale")
+    ROW_BUFFERS = ("codes", "scale")  # packing stays within a row, so packed rows concatenate too
     bits: ClassVar[int]
     codes_dtype: ClassVar[torch.dtype]
-    native_op: ClassVar[str]
+    # `codes_per_pack` codes are stored in `bytes_per_pack` bytes of a row: in_features must be a
+    # multiple of codes_per_pack.
+    codes_per_pack: ClassVar[int] = 1
+    bytes_per_pack: ClassVar[int] = 1
+    # The C++ op (and Triton kernel) for these codes; None: there is none, the torch reference runs.
+    native_op: ClassVar[str | None]
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -58,37 +66,45 @@ class WeightOnlyLinear(CompressedLinear):
         """The layer holding codes and scales some algorithm (GPTQ, AWQ, ...) has chosen."""
         if q.zero is not None or q.spec.bits != cls.bits or q.spec.granularity == "tensor":
             raise ValueError(f"{cls.__name__} takes symmetric {cls.bits}-bit codes per channel or group")
-        return cls(cls._store(q.codes), q.scale, bias)
+        return cls(cls.pack(q.codes), q.scale, bias)
 
-    @classmethod
-    def _store(cls, codes: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        """The stored form of int8 codes [out, in]: as they are, unless a subclass packs them."""
         return codes
 
-    def _in_features(self, codes: torch.Tensor) -> int:
-        return codes.shape[1]
+    @staticmethod
+    def unpack(stored: torch.Tensor) -> torch.Tensor:
+        """Inverse of pack: int8 codes [out, in]."""
+        return stored
 
-    def _codes(self) -> torch.Tensor:
-        return self.codes
+    def _in_features(self, codes: torch.Tensor) -> int:
+        if codes.shape[1] % self.bytes_per_pack:
+            raise ValueError(f"{type(self).__name__} codes hold {self.bytes_per_pack} bytes per "
+                             f"{self.codes_per_pack} inputs; a row of {codes.shape[1]} bytes does not fit")
+        return codes.shape[1] // self.bytes_per_pack * self.codes_per_pack
 
     def qtensor(self) -> QTensor:
         groups = self.scale.shape[1]
         spec = QuantSpec(self.bits, True, "group", self.in_features // groups) if groups > 1 \
             else QuantSpec(self.bits, True)
-        return QTensor(self._codes(), self.scale, None, spec)
+        return QTensor(self.unpack(self.codes), self.scale, None, spec)
 
     def dense_weight(self) -> torch.Tensor:
         return dequantize(self.qtensor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_op is None or (torch.is_grad_enabled() and x.requires_grad):
+            return self.reference(x)
         rows = x.numel() // self.in_features
-        if x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
+        if x.is_cuda:
             from kernels.triton_quant_linear import weight_only_linear_triton  # Triton only where it runs
 
             out = weight_only_linear_triton(x.reshape(rows, self.in_features), self.codes, self.scale, self.bias,
                                             self.bits)
             return out.view(*x.shape[:-1], self.out_features)
         ops = native_ops() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-        if ops is None or rows > NATIVE_MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+        if ops is None or rows > NATIVE_MAX_ROWS:
             return self.reference(x)
         out = getattr(ops, self.native_op)(x.reshape(rows, self.in_features), self.codes, self.scale)
         if self.bias is not None:
@@ -110,13 +126,21 @@ class Int4WeightOnlyLinear(WeightOnlyLinear):
     """codes: signed 4-bit, packed two per byte, uint8 [out, in / 2]."""
 
     bits, codes_dtype, native_op = 4, torch.uint8, "int4_linear"
+    codes_per_pack, bytes_per_pack = 2, 1
+    pack, unpack = staticmethod(pack_int4), staticmethod(unpack_int4)
 
-    @classmethod
-    def _store(cls, codes: torch.Tensor) -> torch.Tensor:
-        return pack_int4(codes)
 
-    def _in_features(self, codes: torch.Tensor) -> int:
-        return codes.shape[1] * 2
+class Int3WeightOnlyLinear(WeightOnlyLinear):
+    """codes: signed 3-bit, eight packed in three bytes, uint8 [out, in * 3 / 8]; in % 8 == 0."""
 
-    def _codes(self) -> torch.Tensor:
-        return unpack_int4(self.codes)
+    bits, codes_dtype, native_op = 3, torch.uint8, None
+    codes_per_pack, bytes_per_pack = 8, 3
+    pack, unpack = staticmethod(pack_int3), staticmethod(unpack_int3)
+
+
+class Int2WeightOnlyLinear(WeightOnlyLinear):
+    """codes: signed 2-bit, packed four per byte, uint8 [out, in / 4]."""
+
+    bits, codes_dtype, native_op = 2, torch.uint8, None
+    codes_per_pack, bytes_per_pack = 4, 1
+    pack, unpack = staticmethod(pack_int2), staticmethod(unpack_int2)

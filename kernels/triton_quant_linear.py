@@ -43,6 +43,8 @@ def _weight_only_kernel(
 def weight_only_linear_triton(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                               bias: torch.Tensor | None, bits: int) -> torch.Tensor:
     """x [rows, in] (fp16/bf16/fp32) -> [rows, out] in x's dtype."""
+    if bits not in (4, 8):
+        raise ValueError(f"the Triton weight-only kernel reads int8 or int4 codes, not int{bits}")
     rows, inputs = x.shape
     outputs, groups = scales.shape
     x, codes, scales = x.contiguous(), codes.contiguous(), scales.float().contiguous()

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from kernels.checkpoint import COMPRESSION_FILE, FORMATS, read_weights, write_checkpoint
 from kernels.compressed import StackedLinear
 from kernels.low_rank import LowRankLinear
-from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from kernels.quant_linear import (Int2WeightOnlyLinear, Int3WeightOnlyLinear, Int4WeightOnlyLinear,
+                                  Int8WeightOnlyLinear)
 from kernels.sparse_linear import SemiStructuredLinear, SparseLinear
 from kernels.w8a8_linear import W8A8Linear
 from serve_apps.engine.models.llama import LlamaForCausalLM
@@ -21,6 +22,7 @@ CONFIG = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_l
 
 def test_format_names_are_the_ones_checkpoints_on_disk_carry():
     assert FORMATS == {"int8_weight_only": Int8WeightOnlyLinear, "int4_weight_only": Int4WeightOnlyLinear,
+                       "int3_weight_only": Int3WeightOnlyLinear, "int2_weight_only": Int2WeightOnlyLinear,
                        "w8a8": W8A8Linear, "low_rank": LowRankLinear, "sparse": SparseLinear,
                        "sparse_2of4": SemiStructuredLinear}
 
@@ -29,6 +31,8 @@ def test_format_names_are_the_ones_checkpoints_on_disk_carry():
 def written(tmp_path):
     tensors = {"model.embed_tokens.weight": torch.randn(10, 64)}
     layers = {"model.layers.0.mlp.up_proj": Int4WeightOnlyLinear.from_linear(nn.Linear(64, 32), 32),
+              "model.layers.0.mlp.gate_proj": Int3WeightOnlyLinear.from_linear(nn.Linear(64, 32), 32),
+              "model.layers.0.mlp.down_proj": Int2WeightOnlyLinear.from_linear(nn.Linear(32, 64)),
               "lm_head": W8A8Linear.from_linear(nn.Linear(64, 10), torch.tensor([0.05]))}
     write_checkpoint(tmp_path, tensors, layers, {"name": "r"}, [{"step": 0}])
     return tmp_path, tensors, layers
@@ -47,8 +51,8 @@ def test_written_weights_read_back_bit_for_bit(written):
 
 
 @pytest.mark.parametrize("edit, message", [({"version": 2}, "version 2 is not 1"),
-                                           ({"modules": {"lm_head": {"format": "int3", "args": {}}}},
-                                            "unknown compressed format 'int3'")])
+                                           ({"modules": {"lm_head": {"format": "int5", "args": {}}}},
+                                            "unknown compressed format 'int5'")])
 def test_another_version_or_an_unknown_format_is_refused(written, edit, message):
     path = written[0]
     manifest = json.loads((path / COMPRESSION_FILE).read_text())

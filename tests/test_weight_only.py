@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from jobs.compress.weight_only import WeightOnlyConfig
-from kernels.quant_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from kernels.quant_linear import Int3WeightOnlyLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 
 @pytest.fixture
@@ -18,7 +18,8 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("bits, group_size, layer_class, tolerance", [(8, None, Int8WeightOnlyLinear, 0.05),
-                                                                      (4, 32, Int4WeightOnlyLinear, 0.5)])
+                                                                      (4, 32, Int4WeightOnlyLinear, 0.5),
+                                                                      (3, 32, Int3WeightOnlyLinear, 0.5)])
 def test_matching_linears_are_swapped_and_outputs_stay_close(tiny_model, bits, group_size, layer_class, tolerance):
     ids = torch.randint(100, 1000, (1, 12))
     before = _logits(tiny_model, ids)
@@ -36,6 +37,6 @@ def test_bad_configs_change_nothing(tiny_model):
         WeightOnlyConfig(bits=4, group_size=48).apply(tiny_model, None)
     assert not any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear)) for m in tiny_model.modules())
     with pytest.raises(ValueError, match="bits"):
-        WeightOnlyConfig(bits=3)
+        WeightOnlyConfig(bits=5)
     with pytest.raises(ValueError, match="extra"):
         WeightOnlyConfig(granularity="row")

@@ -14,6 +14,11 @@ Scales are fixed up front, per contiguous group of the original columns (static 
 int8 layers keep one scale per contiguous group and no column index map, and with act_order the
 columns of one group are reached at scattered times, so a scale chosen when a group's first column
 comes up would see some of its columns already updated and others not.
+
+With keep_zeros the weights that are exactly zero when GPTQ starts (pruned by an earlier step) stay
+zero, as SparseGPT keeps its mask (Frantar & Alistarh, 2023): a pruned weight's code is forced to the
+code of zero whatever the updates made of it, and its error is spread like any other column's, so
+the kept weights compensate for it.
 """
 from __future__ import annotations
 
@@ -49,9 +54,11 @@ def _column_scales(scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSp
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, act_order: bool = True,
-                  damp: float = 0.01, block_size: int = 128) -> QTensor:
-    """Codes and scales for `weight` [out, in] given the Hessian of its inputs [in, in]."""
+                  damp: float = 0.01, block_size: int = 128, keep_zeros: bool = False) -> QTensor:
+    """Codes and scales for `weight` [out, in] given the Hessian of its inputs [in, in]; with
+    `keep_zeros` every weight that is exactly zero dequantizes to exactly zero."""
     w = weight.detach().float().clone()
+    pruned = w == 0 if keep_zeros else None
     h = hessian.detach().double().clone()
     dead = h.diagonal() == 0  # inputs never active: any value works, zero is exact
     h[dead, dead] = 1
@@ -61,24 +68,30 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.shape[1])
     w, h = w[:, order], h[order][:, order]
     col_scale, col_zero = col_scale[:, order], None if col_zero is None else col_zero[:, order]
+    pruned = None if pruned is None else pruned[:, order]
     factor = _inverse_hessian_factor(h, damp).float()
     codes = torch.empty_like(w)
     for start in range(0, w.shape[1], block_size):
         end = min(start + block_size, w.shape[1])
-        errors = _quantize_block(w, codes, factor, col_scale, col_zero, spec, start, end)
+        errors = _quantize_block(w, codes, factor, col_scale, col_zero, pruned, spec, start, end)
         w[:, end:] -= errors @ factor[start:end, end:]
     codes = codes[:, torch.argsort(order)].to(torch.int8 if spec.symmetric else torch.uint8)
     return QTensor(codes, scale, zero, spec)
 
 
-def _quantize_block(w, codes, factor, col_scale, col_zero, spec: QuantSpec, start: int, end: int) -> torch.Tensor:
+def _quantize_block(w, codes, factor, col_scale, col_zero, pruned, spec: QuantSpec, start: int,
+                    end: int) -> torch.Tensor:
     """Quantize columns start..end-1 in place, updating the rest of the block; returns the scaled
-    errors, for the caller to carry to the later blocks."""
+    errors, for the caller to carry to the later blocks. `pruned`: where the code must stay zero."""
     errors = torch.empty(w.shape[0], end - start)
     for j in range(start, end):
         column, s = w[:, j], col_scale[:, j]
         z = 0 if col_zero is None else col_zero[:, j]
         q = torch.round(column / s + z).clamp_(spec.qmin, spec.qmax)
+        if pruned is not None:
+            # The code that dequantizes to exactly 0 (z: 0 when symmetric). The updates from earlier
+            # columns moved this weight away from 0; its error goes to the kept weights instead.
+            q = torch.where(pruned[:, j], z, q)
         codes[:, j] = q
         error = (column - (q - z) * s) / factor[j, j]
         w[:, j + 1 : end] -= error[:, None] * factor[j, j + 1 : end][None, :]
@@ -91,10 +104,12 @@ class GPTQConfig(WeightOnlyBits):
     act_order: bool = Field(True, description="quantize the most active inputs first")
     damp: float = Field(0.01, gt=0, lt=1, description="added to the Hessian's diagonal, times its mean")
     block_size: int = Field(128, ge=1, description="columns whose updates to later columns are batched")
+    keep_zeros: bool = Field(False, description="weights already zero (pruned by an earlier step) stay zero")
 
     STATS = frozenset({"hessian"})
 
     def compress_layer(self, name: str, linear: nn.Linear, stats: InputStats | None) -> nn.Module:
         spec = QuantSpec(self.bits, True, "group" if self.group_size else "channel", self.group_size)
-        q = gptq_quantize(linear.weight, stats.hessian, spec, self.act_order, self.damp, self.block_size)
+        q = gptq_quantize(linear.weight, stats.hessian, spec, self.act_order, self.damp, self.block_size,
+                          self.keep_zeros)
         return LAYERS[self.bits].from_qtensor(q, linear.bias)
