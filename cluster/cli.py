@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+import pyarrow.fs as pafs
+
 from cluster import local_cluster
 from cluster.errors import UserError, reports_user_errors
 from cluster.store import Store, human_bytes, singular, verify
@@ -20,13 +22,16 @@ DELEGATED = {
     ("models", "add"): "jobs.add_model",
     ("data", "prepare"): "jobs.prepare_data",
     ("eval", "ppl"): "jobs.eval_ppl",
+    ("search", "run"): "jobs.search",
 }
+# `rayfoundry A ...` -> the job `python -m <module> ...`
+DELEGATED_ONE_WORD = {"optimize": "jobs.optimize"}
 SERVE_MODULE = "serve_apps.serve_run"  # `rayfoundry serve CONFIG`
 WHERE_JOBS_RUN = (
-    "models add, data prepare and eval ppl are Ray jobs. With a Ray cluster up ($RAY_ADDRESS, as for "
-    "`ray job submit`, else the local cluster on 127.0.0.1:8265) they are submitted to it: the first line "
-    "printed names the job, which the dashboard lists. A cluster on this machine reads paths as given here; "
-    "a remote one reads them relative to the uploaded repository. "
+    "models add, data prepare, eval ppl, search run and optimize are Ray jobs. With a Ray cluster up "
+    "($RAY_ADDRESS, as for `ray job submit`, else the local cluster on 127.0.0.1:8265) they are submitted "
+    "to it: the first line printed names the job, which the dashboard lists. A cluster on this machine "
+    "reads paths as given here; a remote one reads them relative to the uploaded repository. "
     "With no cluster, or RAY_ADDRESS=local, they run here. serve deploys through Ray Serve, never as a job."
 )
 
@@ -90,6 +95,26 @@ def cmd_remove(kind: str):
     return run
 
 
+def cmd_search_show(args) -> int:
+    """The newest results of search RUN: its front and chosen recipe; or how far a running one is."""
+    store = Store(args.store)
+    found = sorted((a for a in store.list("results") if a.manifest.get("source") == "search"
+                    and a.manifest.get("run") == args.run), key=lambda a: a.manifest.get("created", a.name))
+    if found:
+        print(found[-1].read_text("results.md"), end="")
+        if "chosen.yaml" in found[-1].manifest["files"]:
+            print("\n## chosen.yaml\n\n" + found[-1].read_text("chosen.yaml"), end="")
+        print(f"\n(results: {found[-1].uri})")
+        return 0
+    trials = f"{store.root}/runs/search-{args.run}/rayfoundry-trials"
+    infos = store.fs.get_file_info(pafs.FileSelector(trials, allow_not_found=True))
+    if infos:
+        print(f"search {args.run} has no results yet (running, or interrupted: run it again to resume); "
+              f"{sum(i.path.endswith('.json') for i in infos)} trials finished")
+        return 0
+    raise UserError(f"no search named '{args.run}' in the store at {store.uri}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayfoundry", description="Compress LLMs and serve them on Ray.",
                                      epilog=WHERE_JOBS_RUN)
@@ -99,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show the local cluster").set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    sub.add_parser("optimize", help="search, optionally QAT, store and serve a cheaper model (python -m "
+                                    "jobs.optimize; see `rayfoundry optimize --help`)")
     sub.add_parser("serve", help=f"serve models from a Serve config (python -m {SERVE_MODULE}; "
                                  "--detach: deploy and return)")
     groups = {
@@ -107,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eval": sub.add_parser("eval", help="measure quality").add_subparsers(dest="action", required=True),
         "cache": sub.add_parser("cache", help="calibration statistics kept for reuse").add_subparsers(
             dest="action", required=True),
+        "search": sub.add_parser("search", help="search compression recipes with Ray Tune").add_subparsers(
+            dest="action", required=True),
     }
+    show = groups["search"].add_parser("show", help="print a search's Pareto front and chosen recipe")
+    show.add_argument("run", help="the search's name (its config's `name`)")
+    show.add_argument("--store", help="store URI (default: $RAYFOUNDRY_STORE or ~/.rayfoundry/store)")
+    show.set_defaults(func=cmd_search_show)
     for group, kind in (("models", "models"), ("data", "datasets"), ("cache", "cache")):
         _add_store_commands(groups[group], kind)
     # Listed for --help only: `_main` hands these to their job module before parsing.
@@ -126,17 +159,20 @@ def _add_store_commands(commands, kind: str) -> None:
         p.set_defaults(func=make_func(kind))
 
 
-def delegated_module(argv: list[str]) -> str | None:
-    return DELEGATED.get(tuple(argv[:2]))
+def delegated_module(argv: list[str]) -> tuple[str, list[str]] | None:
+    """The job module a command line names, and the arguments that go to it."""
+    if argv[:1] and argv[0] in DELEGATED_ONE_WORD:
+        return DELEGATED_ONE_WORD[argv[0]], argv[1:]
+    module = DELEGATED.get(tuple(argv[:2]))
+    return None if module is None else (module, argv[2:])
 
 
 @reports_user_errors("rayfoundry")
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         return run_here(SERVE_MODULE, argv[1:])
-    module = delegated_module(argv)
-    if module is not None:
-        return run_job(module, argv[2:])
+    if (delegated := delegated_module(argv)) is not None:
+        return run_job(*delegated)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

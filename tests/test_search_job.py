@@ -17,6 +17,7 @@ from ray.cluster_utils import Cluster
 from cluster.config import parse_config
 from cluster.errors import BUDGET_NOT_MET_EXIT_CODE
 from cluster.store import Store
+from conftest import RAYFOUNDRY, env_with_home, run
 from jobs.compress.__main__ import main as compress_main
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
@@ -108,6 +109,12 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
     again = perplexity(load_causal_lm(tmp_path / "again"), tokens, 64, 2).ppl
     assert f"{again:.4g}" == f"{chosen['ppl']:.4g}"
     assert (store / "models" / summary["chosen_model"]).is_dir()
+
+    shown = run([*RAYFOUNDRY, "search", "show", "two-nodes", "--store", str(store)], env_with_home(tmp_path / "h"))
+    assert shown.returncode == 0 and "## Front" in shown.stdout and "## chosen.yaml" in shown.stdout
+    assert f"name: {chosen['recipe_name']}" in shown.stdout
+    unknown = run([*RAYFOUNDRY, "search", "show", "nothing", "--store", str(store)], env_with_home(tmp_path / "h"))
+    assert unknown.returncode == 2 and "no search named 'nothing'" in unknown.stderr
 
 
 def test_a_budget_no_trial_meets_exits_3_naming_the_closest(two_nodes, tmp_path, smollm2_dir, smollm2_home, capsys):

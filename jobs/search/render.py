@@ -133,9 +133,7 @@ def steps_for(candidate: Candidate, groups: list[ModuleGroup]) -> list[dict]:
     if quantized:
         method = {"method": candidate.quant_method}
         if candidate.quant_method == "gptq":
-            method |= {"act_order": True}
-            if "keep_zeros" in __import__("jobs.compress.gptq").compress.gptq.GPTQConfig.model_fields:  # TEMP
-                method["keep_zeros"] = any(n in pruned for n in quantized)
+            method |= {"act_order": True, "keep_zeros": any(n in pruned for n in quantized)}
         steps.append(grouped_step(method, quantized, groups))
     return steps
 

@@ -18,8 +18,8 @@ from jobs.search.front import pareto_front
 from jobs.search.trial import TrialContext
 
 REPORTED = ("seed_name", "is_seed", "ppl", "ppl_ratio", "windows_done", "tokens_evaluated", "linear_bytes",
-            "checkpoint_bytes", "decode_b1", "decode_bN", "node_id", "pid", "computed_at", "compress_s",
-            "cached", "time_total_s")
+            "checkpoint_bytes", "decode_b1", "decode_bN", "node_id", "measured_by_pid", "computed_at",
+            "compress_s", "cached", "time_total_s")
 SHOWN = ["recipe_name", "seed_name", "status", "ppl", "ppl_change", "linear_MiB", "checkpoint_MiB",
          "decode_b1", "decode_bN"]
 
@@ -62,7 +62,12 @@ def annotate(rows: list[dict], baseline: dict, limit: float, objectives: list[st
         row["within_budget"] = row["status"] == "complete" and row["ppl"] <= limit
         row["linear_MiB"] = None if row["linear_bytes"] is None else row["linear_bytes"] / 2**20
         row["checkpoint_MiB"] = None if row["checkpoint_bytes"] is None else row["checkpoint_bytes"] / 2**20
-    complete = [i for i, row in enumerate(rows) if row["status"] == "complete"]
+    # One row per recipe: a point that renders like an earlier one reports that one's measurements.
+    first = {}
+    for i, row in enumerate(rows):
+        if row["status"] == "complete":
+            first.setdefault(row["recipe_name"], i)
+    complete = sorted(first.values())
     front = [complete[i] for i in pareto_front([rows[i] for i in complete], objectives)]
     for i, row in enumerate(rows):
         row["on_front"] = i in front

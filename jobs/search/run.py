@@ -6,6 +6,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -33,9 +34,21 @@ from jobs.search.trial import TrialContext, objective_values, run_name, run_tria
 from jobs.train.run import claim_run, connect, runs_uri
 
 
+@dataclass
+class SearchOutcome:
+    exit_code: int  # 0 with a chosen recipe, BUDGET_NOT_MET_EXIT_CODE when no trial met the budget
+    summary: dict  # what summary.json holds
+    chosen: dict | None  # the chosen trial's row
+    results_uri: str
+    eval_tokens: torch.Tensor
+
+
 def run_search(config: SearchConfig, trial_fn: Callable = run_trial) -> int:
-    """Exit code: 0 with a chosen recipe, BUDGET_NOT_MET_EXIT_CODE when no trial met the budget.
-    `trial_fn` is Tune's trainable (tests wrap run_trial to make one fail)."""
+    """`trial_fn` is Tune's trainable (tests wrap run_trial to make one fail)."""
+    return search(config, trial_fn).exit_code
+
+
+def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcome:
     store = Store(config.store)
     prepared = prepare(config, store)
     # A resumed run must be the same search; `force` itself is not part of what it was.
@@ -56,20 +69,19 @@ def run_search(config: SearchConfig, trial_fn: Callable = run_trial) -> int:
     front = annotate(rows, baseline, limit, config.objectives)
     chosen = choose(rows, limit, config.choose.minimize, decode_floor(config, rows, baseline))
     summary = summarize(config, rows, baseline, limit, chosen, time.time() - started)
-    chosen_yaml = None
     if chosen is not None:
-        chosen_yaml = chosen["recipe_yaml"]
         summary["chosen_model"], summary["reproduced"] = store_chosen(config, chosen, prepared, store)
-    uri = store_search_results(config, rows, front, baseline, limit, summary, chosen_yaml, store)
+    uri = store_search_results(config, rows, front, baseline, limit, summary,
+                               chosen["recipe_yaml"] if chosen else None, store)
     print(markdown(config, rows, front, baseline, summary))
     print(f"results: {uri}")
     if chosen is None:
         near = closest(rows)
         where = f"; closest: {near['recipe_name']} ppl {near['ppl']:.4g} ({near['ppl_change']:+.1%})" if near else ""
         print(f"no trial met ppl <= {limit:.4g}{where}")
-        return BUDGET_NOT_MET_EXIT_CODE
+        return SearchOutcome(BUDGET_NOT_MET_EXIT_CODE, summary, None, uri, prepared.eval_tokens)
     print(f"chosen: {chosen['recipe_name']} -> model {summary['chosen_model']}")
-    return 0
+    return SearchOutcome(0, summary, chosen, uri, prepared.eval_tokens)
 
 
 @ray.remote

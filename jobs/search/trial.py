@@ -93,7 +93,7 @@ def run_trial(point: dict, context: TrialContext) -> None:
     torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
     row = {"recipe_name": recipe.name, "seed_name": context.seeds.get(recipe.name),
            "is_seed": recipe.name in context.seeds, "node_id": ray.get_runtime_context().get_node_id(),
-           "pid": os.getpid(), "cached": False, **{metric_key(o): None for o in config.objectives}}
+           "measured_by_pid": os.getpid(), "cached": False, **{metric_key(o): None for o in config.objectives}}
     model = load_causal_lm(Path(context.model_path))
     started = time.perf_counter()
     stats = load_statistics(context.store_uri, context.stats_entry) if recipe.calibration else None
