@@ -118,21 +118,22 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
 
 
 def test_a_budget_no_trial_meets_exits_3_naming_the_closest(two_nodes, tmp_path, smollm2_dir, smollm2_home, capsys):
-    """SmolLM2 with 60-70 % of its weights pruned cannot stay within 1 % perplexity: every trial is
-    stopped after its first window, and the search says which came closest."""
+    """SmolLM2 with 60 or 70 % of its weights pruned (a grid of the two) cannot stay within 1 %
+    perplexity: every trial is stopped after its first window, and the search says which came closest."""
     data = str(smollm2_home / "store" / "datasets" / "shakespeare")
     store = tmp_path / "store"
     config = parse_config(SearchConfig, {
         "name": "hopeless", "model": str(smollm2_dir), "data": data, "store": str(store),
         "eval": {"tokens": 256, "window": 64, "batch_size": 1}, "budget": {"max_ppl_increase": 0.01},
         "objectives": ["ppl", "linear_bytes"],
-        "space": {"per_group": ["sparsity"], "bits": [None], "sparsity": {"low": 0.6, "high": 0.7, "step": 0.1}},
-        "searcher": {"kind": "random"}, "num_trials": 2, "concurrency": 2,
+        "space": {"per_group": [], "bits": [None], "sparsity": {"low": 0.6, "high": 0.7, "step": 0.1}},
+        "searcher": {"kind": "grid"}, "num_trials": 2, "concurrency": 2,
         "early_stopping": {"grace_windows": 1}})
     assert run_search(config) == BUDGET_NOT_MET_EXIT_CODE
     out = capsys.readouterr().out
     rows = pq.read_table(results_of(store) / "results.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["stopped", "stopped"]
+    assert sorted(json.loads(r["params_json"])["all"]["sparsity"] for r in rows) == [0.6, 0.7]  # the grid
     assert all(r["windows_done"] == 1 and r["tokens_evaluated"] == 64 for r in rows)
     best = min(rows, key=lambda r: r["ppl_ratio"])
     assert "no trial met ppl <= " in out and f"closest: {best['recipe_name']}" in out

@@ -67,7 +67,8 @@ def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcom
     started = time.time()
     rows = trial_rows(fit(config, context, prepared, store, trial_fn), context)
     front = annotate(rows, baseline, limit, config.objectives)
-    chosen = choose(rows, limit, config.choose.minimize, decode_floor(config, rows, baseline))
+    recipes = [r for r in rows if r["recipe_yaml"]]  # the uncompressed model is a reference, not a choice
+    chosen = choose(recipes, limit, config.choose.minimize, decode_floor(config, rows, baseline))
     summary = summarize(config, rows, baseline, limit, chosen, time.time() - started)
     if chosen is not None:
         summary["chosen_model"], summary["reproduced"] = store_chosen(config, chosen, prepared, store)
@@ -148,6 +149,9 @@ def decode_floor(config: SearchConfig, rows: list[dict], baseline: dict) -> floa
     if reference == "fp32":
         return baseline["decode_b1"]
     measured = [r["decode_b1"] for r in rows if r["seed_name"] == reference and r.get("decode_b1")]
+    if not measured:
+        print(f"warning: seed {reference} has no decode speed (it failed or was not measured); "
+              "the chosen recipe is not held to it")
     return max(measured, default=None)
 
 

@@ -115,11 +115,25 @@ def choices(space: SpaceConfig, groups: list[ModuleGroup]) -> Choices:
         knobs[(HEAD, "bits")] = list(space.head_bits)
     for knob in GLOBAL_KNOBS:
         knobs[(GLOBAL, knob)] = _values(space, knob)
+    for key in knobs:  # a knob no point can use is not searched (nor does it multiply a grid)
+        if not _matters(space, key):
+            knobs[key] = knobs[key][:1]
     for key in knobs:
         field = getattr(space, key[1] if key[0] != HEAD else "head_bits")
         if isinstance(field, Range) and field.low < field.high:
             ranges[key] = (field.low, field.high, field.step)
     return Choices(knobs, ranges)
+
+
+def _matters(space: SpaceConfig, key: tuple[str, str]) -> bool:
+    decoder_quantized = any(b is not None for b in space.bits)
+    if key[1] == "group_size":  # the head takes one scale per row
+        return decoder_quantized
+    if key[1] == "quant_method":
+        return decoder_quantized or any(b is not None for b in space.head_bits)
+    if key[1] in ("pattern", "prune_method"):
+        return space.sparsity.high > 0
+    return True
 
 
 def _values(space: SpaceConfig, knob: str) -> list:
