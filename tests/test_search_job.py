@@ -80,7 +80,7 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
         "seeds": {"recipes": ["configs/recipes/int8-weight.yaml", f"configs/recipes/{FAILING_SEED}.yaml"]},
         "searcher": {"kind": "optuna-tpe", "n_startup_trials": 2}, "num_trials": 6, "concurrency": 2,
         "speed": {"batch_n": 4, "prompt_tokens": 8, "max_tokens": 8},
-        "choose": {"min_decode_b1_vs": "int8-weight"}})
+        "choose": {"min_decode_b1_vs": "int8-weight"}, "verify": "front"})
     assert run_search(config, trial_fn=fail_one_seed) == 0
     out = capsys.readouterr().out
     folder = results_of(store)
@@ -98,6 +98,9 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
     summary = json.loads((folder / "summary.json").read_text())
     chosen = next(r for r in rows if r["recipe_name"] == summary["chosen"])
     assert summary["reproduced"]["same_to_4_digits"], summary["reproduced"]
+    others = {r["recipe_name"] for r in front if r["recipe_yaml"]} - {chosen["recipe_name"]}
+    assert {c["recipe_name"] for c in summary["front_reproduced"]} == others
+    assert all(c["same_to_4_digits"] for c in summary["front_reproduced"]), summary["front_reproduced"]
     assert f"chosen: {chosen['recipe_name']}" in out and "## Front" in out
     assert (folder / "results.png").stat().st_size > 0
 

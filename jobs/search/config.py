@@ -159,6 +159,8 @@ class SearchConfig(StrictConfig):
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     choose: ChooseConfig = Field(default_factory=ChooseConfig)
     max_retries: int = Field(0, ge=0, description="times a failed trial is retried before it is recorded")
+    verify: Literal["chosen", "front"] = Field("chosen", description="reapply the chosen recipe, or every front "
+                                                                      "recipe, and check each trial's perplexity")
     force: bool = Field(False, description="start afresh, deleting a run of this name")
     store: str | None = None
     ray_address: str | None = None

@@ -81,7 +81,7 @@ def markdown(config: SearchConfig, rows: list[dict], front: list[int], baseline:
              f"{baseline['ppl']:.4g}). Objectives: {', '.join(config.objectives)}. Trials: {counts}.",
              f"Tokens evaluated: {summary['tokens_evaluated']} of {summary['tokens_if_run_to_end']} had every "
              f"trial run to the end ({summary['early_stop_saving']:.2f}x fewer).",
-             f"Chosen: {summary['chosen'] or 'none within budget'}.", "", "## Front", ""]
+             f"Chosen: {summary['chosen'] or 'none within budget'}.", *reproduction(summary), "", "## Front", ""]
     shown = [{**baseline, "recipe_name": "uncompressed", "seed_name": "fp32", "status": "reference",
               "ppl_change": 0.0, "linear_MiB": baseline["linear_bytes"] / 2**20,
               "checkpoint_MiB": (baseline.get("checkpoint_bytes") or 0) / 2**20 or None}]
@@ -91,6 +91,15 @@ def markdown(config: SearchConfig, rows: list[dict], front: list[int], baseline:
     if seeds:
         lines += ["", "## Seed recipes (reference points)", "", markdown_table(seeds, SHOWN)]
     return "\n".join(lines)
+
+
+def reproduction(summary: dict) -> list[str]:
+    checks = ([summary["reproduced"]] if "reproduced" in summary else []) + summary.get("front_reproduced", [])
+    if not checks:
+        return []
+    same = sum(c["same_to_4_digits"] for c in checks)
+    return [f"Reapplied as `python -m jobs.compress` would: {same} of {len(checks)} recipes give their trial's "
+            f"perplexity to 4 significant digits."]
 
 
 def plot(rows: list[dict], baseline: dict, limit: float, path: Path, title: str) -> None:

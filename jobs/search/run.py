@@ -11,18 +11,16 @@ from pathlib import Path
 
 import ray
 import torch
-import yaml
 from ray import tune
 
 from cluster.errors import BUDGET_NOT_MET_EXIT_CODE
 from cluster.store import Store
 from jobs.bench.decode import decode_rates
-from jobs.compress.pipeline import compress_model
-from jobs.compress.recipe import Recipe
-from jobs.eval.perplexity import perplexity, perplexity_stream
+from jobs.eval.perplexity import perplexity_stream
 from jobs.eval.size import linear_bytes
-from jobs.models.load import load_causal_lm, model_dir, open_model
+from jobs.models.load import load_causal_lm
 from jobs.search.config import SearchConfig
+from jobs.search.finalize import store_chosen, verify_front
 from jobs.search.front import choose, closest
 from jobs.search.prepare import Prepared, prepare
 from jobs.search.results import annotate, markdown, store_search_results, trial_rows
@@ -54,12 +52,10 @@ def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcom
     # A resumed run must be the same search; `force` itself is not part of what it was.
     claim_run(config.model_copy(update={"force": False}), run_name(config), store, fresh=config.force)
     connect(config.ray_address, config.resources_per_trial.cpu * config.concurrency)
-    # The baseline and the shared calibration statistics, side by side where CPUs allow.
-    cpus = config.resources_per_trial.cpu
-    baseline_ref = measure_baseline.options(num_cpus=cpus).remote(config, str(prepared.model_path),
-                                                                  prepared.eval_tokens)
-    stats_ref = ensure_statistics.options(num_cpus=cpus).remote(config, prepared.groups, store.uri)
-    (nll, baseline), stats_entry = ray.get([baseline_ref, stats_ref])
+    # The shared calibration statistics first: they take every CPU the cluster has.
+    stats_entry = ensure_statistics(config, prepared.groups, store)
+    nll, baseline = ray.get(measure_baseline.options(num_cpus=config.resources_per_trial.cpu).remote(
+        config, str(prepared.model_path), prepared.eval_tokens))
     limit = config.budget.limit(baseline["ppl"])
     context = TrialContext(config, prepared.groups, prepared.found, str(prepared.model_path), store.uri,
                            prepared.eval_tokens, stats_entry, nll, limit / baseline["ppl"], prepared.seed_names,
@@ -71,7 +67,10 @@ def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcom
     chosen = choose(recipes, limit, config.choose.minimize, decode_floor(config, rows, baseline))
     summary = summarize(config, rows, baseline, limit, chosen, time.time() - started)
     if chosen is not None:
-        summary["chosen_model"], summary["reproduced"] = store_chosen(config, chosen, prepared, store)
+        summary["chosen_model"], summary["reproduced"] = store_chosen(config, chosen, prepared.eval_tokens, store)
+    if config.verify == "front":
+        others = [rows[i] for i in front if chosen is None or rows[i]["recipe_name"] != chosen["recipe_name"]]
+        summary["front_reproduced"] = verify_front(config, others, prepared.eval_tokens, store)
     uri = store_search_results(config, rows, front, baseline, limit, summary,
                                chosen["recipe_yaml"] if chosen else None, store)
     print(markdown(config, rows, front, baseline, summary))
@@ -166,18 +165,3 @@ def summarize(config: SearchConfig, rows: list[dict], baseline: dict, limit: flo
             "tokens_if_run_to_end": full, "early_stop_saving": full / evaluated if evaluated else 1.0,
             "cpu_hours": cpu_seconds / 3600, "wall_s": seconds,
             "chosen": chosen["recipe_name"] if chosen else None}
-
-
-def store_chosen(config: SearchConfig, chosen: dict, prepared: Prepared, store: Store) -> tuple[str, dict]:
-    """Compress the chosen recipe into the model store as `python -m jobs.compress` would, then measure
-    that stored checkpoint's perplexity: it must equal the trial's to 4 significant digits."""
-    recipe = Recipe.model_validate(yaml.safe_load(chosen["recipe_yaml"]))
-    name = f"{open_model(config.model, store).name}.{recipe.name}"
-    compress_model(config.model, recipe, name, store, force=True)
-    torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
-    again = perplexity(load_causal_lm(model_dir(name, store)), prepared.eval_tokens, config.eval.window,
-                       config.eval.batch_size).ppl
-    same = f"{again:.4g}" == f"{chosen['ppl']:.4g}"
-    if not same:
-        print(f"warning: the stored {name} measures ppl {again:.6g}, the trial {chosen['ppl']:.6g}")
-    return name, {"trial_ppl": chosen["ppl"], "stored_ppl": again, "same_to_4_digits": same}

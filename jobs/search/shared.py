@@ -1,13 +1,19 @@
 """Work every trial shares, done once before them: the calibration statistics of the original
 model for every layer and kind the space can ask for, kept in the store's cache (so a later search,
-or `python -m jobs.compress` of a trial's recipe, reuses them)."""
+or `python -m jobs.compress` of a trial's recipe, reuses them).
+
+They are collected by parallel Ray tasks, each over every calibration batch for a share of the
+layers: a layer's statistics are then exactly those of one pass over the whole model (splitting the
+batches instead would regroup the float sums), which a recipe reapplied alone collects again."""
 from __future__ import annotations
+
+import math
 
 import ray
 import torch
 
 from cluster.store import Store
-from jobs.compress.calibration import InputStats, collect, token_batches
+from jobs.compress.calibration import InputStats, collect, stats_from_tensors, stats_to_tensors, token_batches
 from jobs.compress.pipeline import calibration_dataset, read_calibration_tokens
 from jobs.compress.stats_cache import KIND, entry_for, load_or_collect, load_stats
 from jobs.models.load import load_causal_lm, model_dir, open_model
@@ -29,31 +35,47 @@ def layers_of(groups: list[ModuleGroup]) -> list[str]:
     return sorted(name for g in groups for name in g.in_features)
 
 
-@ray.remote
-def ensure_statistics(config: SearchConfig, groups: list[ModuleGroup], store_uri: str) -> str | None:
+def ensure_statistics(config: SearchConfig, groups: list[ModuleGroup], store: Store) -> str | None:
     """The cache entry holding the statistics, collected (once per model, data and settings) if absent."""
     kinds = kinds_needed(config)
     if not kinds:
         return None
-    torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
-    store = Store(store_uri)
-    source, path = open_model(config.model, store), model_dir(config.model, store)
-    calibration = config.calibration
-    dataset = calibration_dataset(calibration, config.model, path, store)
+    source, calibration = open_model(config.model, store), config.calibration
+    dataset = calibration_dataset(calibration, config.model, model_dir(config.model, store), store)
     layers = layers_of(groups)
-
-    def collect_all() -> dict[str, InputStats]:
-        model = load_causal_lm(path)
-        batches = token_batches(read_calibration_tokens(dataset, calibration), calibration)
-        modules = {name: model.get_submodule(name) for name in layers}
-        return collect(model, modules, kinds, batches, calibration.max_samples, progress=False)
-
-    load_or_collect(store, source, dataset, calibration, kinds, layers, collect_all)
+    load_or_collect(store, source, dataset, calibration, kinds, layers,
+                    lambda: collect_in_parallel(config, kinds, layers, store))
     return entry_for(source, dataset, calibration, kinds, layers)[0]
+
+
+def collect_in_parallel(config: SearchConfig, kinds: frozenset[str], layers: list[str],
+                        store: Store) -> dict[str, InputStats]:
+    cpus = config.resources_per_trial.cpu
+    shares = max(1, min(len(layers), math.floor(ray.cluster_resources().get("CPU", cpus) / cpus)))
+    tasks = [collect_share.options(num_cpus=cpus).remote(config, layers[i::shares], kinds, store.uri)
+             for i in range(shares)]
+    print(f"calibration statistics: {len(layers)} layers in {shares} parallel task(s)", flush=True)
+    stats: dict[str, InputStats] = {}
+    for tensors in ray.get(tasks):
+        stats |= stats_from_tensors(tensors)
+    return stats
+
+
+@ray.remote
+def collect_share(config: SearchConfig, layers: list[str], kinds: frozenset[str],
+                  store_uri: str) -> dict[str, torch.Tensor]:
+    """One pass over every calibration batch, hooking only `layers`; flat tensors travel cheaply."""
+    torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
+    store, calibration = Store(store_uri), config.calibration
+    path = model_dir(config.model, store)
+    model = load_causal_lm(path)
+    tokens = read_calibration_tokens(calibration_dataset(calibration, config.model, path, store), calibration)
+    modules = {name: model.get_submodule(name) for name in layers}
+    stats = collect(model, modules, kinds, token_batches(tokens, calibration), calibration.max_samples, progress=False)
+    return stats_to_tensors(stats)
 
 
 def load_statistics(store_uri: str, entry: str | None) -> dict[str, InputStats] | None:
     if entry is None:
         return None
     return load_stats(Store(store_uri).get(KIND, entry))
-
