@@ -16,6 +16,8 @@ both ours and the upstream behaviour, so an upgrade that changes either is seen)
 """
 from __future__ import annotations
 
+import threading
+
 import optuna
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -24,6 +26,20 @@ from ray.tune.utils import flatten_dict
 from jobs.search.config import DIRECTION, SearchConfig
 
 CONSTRAINT = "ppl_over_budget"
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna 5's NSGA-II holds a thread lock, and Tune pickles the searcher into its experiment
+    state (to resume a run): the lock is left out and made afresh on unpickling."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 def metric_key(objective: str) -> str:
@@ -79,7 +95,7 @@ def make_searcher(config: SearchConfig, seeds: list[dict], limit_ratio: float,
         sampler = optuna.samplers.TPESampler(seed=options.seed, multivariate=True,
                                              n_startup_trials=options.n_startup_trials)
     else:
-        sampler = optuna.samplers.NSGAIISampler(population_size=options.population_size, seed=options.seed)
+        sampler = PicklableNSGAIISampler(population_size=options.population_size, seed=options.seed)
     metrics = [metric_key(o) for o in config.objectives]
     # OptunaSearch enqueues its points_to_evaluate as given; its parameter names are the flattened ones.
     seeds = [flatten_dict(point) for point in seeds]
