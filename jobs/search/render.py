@@ -199,7 +199,7 @@ def _read_step(step, values: dict, groups: list[ModuleGroup], name: str) -> None
                 raise UserError(f"recipe {name!r} cannot be a seed: the head is quantized per row in this space")
     elif step.method in ("magnitude", "wanda"):
         values[(GLOBAL, "prune_method")] = step.method
-        values[(GLOBAL, "pattern")] = "2:4" if fields["pattern"] == "2:4" else fields["pattern"]
+        values[(GLOBAL, "pattern")] = fields["pattern"]
         for g in chosen:
             values[(g.name, "sparsity")] = 0.5 if fields["pattern"] == "2:4" else fields["sparsity"]
     elif step.method == "svd" and fields.get("energy") is not None:
