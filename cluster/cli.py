@@ -98,13 +98,11 @@ def cmd_remove(kind: str):
 def cmd_search_show(args) -> int:
     """The newest results of search RUN: its front and chosen recipe; or how far a running one is."""
     store = Store(args.store)
-    found = sorted((a for a in store.list("results") if a.manifest.get("source") == "search"
-                    and a.manifest.get("run") == args.run), key=lambda a: a.manifest.get("created", a.name))
-    if found:
-        print(found[-1].read_text("results.md"), end="")
-        if "chosen.yaml" in found[-1].manifest["files"]:
-            print("\n## chosen.yaml\n\n" + found[-1].read_text("chosen.yaml"), end="")
-        print(f"\n(results: {found[-1].uri})")
+    if (newest := store.newest_result("search", args.run)) is not None:
+        print(newest.read_text("results.md"), end="")
+        if "chosen.yaml" in newest.manifest["files"]:
+            print("\n## chosen.yaml\n\n" + newest.read_text("chosen.yaml"), end="")
+        print(f"\n(results: {newest.uri})")
         return 0
     trials = f"{store.root}/runs/search-{args.run}/rayfoundry-trials"
     infos = store.fs.get_file_info(pafs.FileSelector(trials, allow_not_found=True))
@@ -132,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "models": sub.add_parser("models", help="models in the store").add_subparsers(dest="action", required=True),
         "data": sub.add_parser("data", help="datasets in the store").add_subparsers(dest="action", required=True),
         "eval": sub.add_parser("eval", help="measure quality").add_subparsers(dest="action", required=True),
-        "cache": sub.add_parser("cache", help="calibration statistics kept for reuse").add_subparsers(
+        "cache": sub.add_parser("cache", help="calibration statistics and sensitivity tables kept for reuse").add_subparsers(
             dest="action", required=True),
         "search": sub.add_parser("search", help="search compression recipes with Ray Tune").add_subparsers(
             dest="action", required=True),

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from cluster.errors import UserError
 
 MANIFEST = "manifest.json"
-KINDS = ("models", "datasets", "results", "cache")  # cache: calibration statistics kept for reuse
+KINDS = ("models", "datasets", "results", "cache")  # cache: calibration statistics, sensitivity tables
 _HASH_CHUNK = 8 << 20
 
 
@@ -173,6 +173,11 @@ class Store:
 
     def names(self, kind: str) -> list[str]:
         return [a.name for a in self.list(kind)]
+
+    def newest_result(self, source: str, run: str) -> Artifact | None:
+        """The latest result artifact a job (`source`) stored for `run`."""
+        found = [a for a in self.list("results") if a.manifest.get("source") == source and a.manifest.get("run") == run]
+        return max(found, key=lambda a: a.manifest.get("created", a.name), default=None)
 
     def put_dir(self, kind: str, name: str, local_dir: Path, meta: dict, replace: bool = False) -> Artifact:
         """Copy `local_dir` in as artifact `name`, manifest included, in one atomic step."""

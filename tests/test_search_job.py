@@ -19,13 +19,18 @@ from cluster.errors import BUDGET_NOT_MET_EXIT_CODE
 from cluster.store import Store
 from conftest import RAYFOUNDRY, env_with_home, run
 from jobs.compress.__main__ import main as compress_main
+from jobs.compress.recipe import apply_recipe
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
 from jobs.models.load import load_causal_lm
 from jobs.search.config import SearchConfig
 from jobs.search.front import dominates
+from jobs.search.prepare import prepare
+from jobs.search.replay import replay_stopped
 from jobs.search.run import run_search
+from jobs.search.sensitivity import ProbeContext, probes_for
+from jobs.search.shared import ensure_statistics, load_statistics
 from jobs.search.trial import run_trial
 
 pytestmark = pytest.mark.slow
@@ -77,7 +82,8 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
         "space": {"bits": [4, 8, None], "group_size": [32, 128, None], "quant_method": ["rtn", "gptq"],
                   "sparsity": {"low": 0, "high": 0.5, "step": 0.25}, "prune_method": ["magnitude", "wanda"],
                   "head_bits": [8, None]},
-        "seeds": {"recipes": ["configs/recipes/int8-weight.yaml", f"configs/recipes/{FAILING_SEED}.yaml"]},
+        "seeds": {"recipes": ["configs/recipes/int8-weight.yaml", f"configs/recipes/{FAILING_SEED}.yaml"],
+                  "sensitivity": {"tokens": 256, "shares": [1.0]}},
         "searcher": {"kind": "optuna-tpe", "n_startup_trials": 2}, "num_trials": 6, "concurrency": 2,
         "speed": {"batch_n": 4, "prompt_tokens": 8, "max_tokens": 8},
         "choose": {"min_decode_b1_vs": "int8-weight"}, "verify": "front"})
@@ -96,6 +102,7 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
     assert all(any(dominates(f, r, config.objectives) for f in front) for r in complete if not r["on_front"])
 
     summary = json.loads((folder / "summary.json").read_text())
+    check_sensitivity(summary["sensitivity"], rows, out, config, store)
     chosen = next(r for r in rows if r["recipe_name"] == summary["chosen"])
     assert summary["reproduced"]["same_to_4_digits"], summary["reproduced"]
     others = {r["recipe_name"] for r in front if r["recipe_yaml"]} - {chosen["recipe_name"]}
@@ -120,9 +127,34 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
     assert unknown.returncode == 2 and "no search named 'nothing'" in unknown.stderr
 
 
+def check_sensitivity(table: list[dict], rows: list[dict], out: str, config: SearchConfig, store: Path) -> None:
+    """Every probe measured (by tasks on either node) and cached; a probe's perplexity is what its recipe,
+    applied alone, gives; the mixed seed ran as a trial or was reported as rendering like another seed."""
+    prepared = prepare(config, Store(str(store)))
+    probes = probes_for(config, prepared.found, prepared.groups)
+    assert sorted((r["group"], r["bits"], r["group_size"]) for r in table) == \
+        sorted((p.group, p.bits, p.group_size) for p in probes)
+    assert [a.name for a in (store / "cache").iterdir() if a.name.startswith("sensitivity-")]
+    stats_entry = ensure_statistics(config, prepared.groups, Store(str(store)))  # stored by the search
+    context = ProbeContext(config, prepared.groups, prepared.found, str(config.model), str(store),
+                           prepared.eval_tokens[:256], stats_entry)
+    probe = next(p for p in probes if p.bits == 4)
+    model = load_causal_lm(Path(config.model))
+    recipe = context.recipe(probe)
+    apply_recipe(model, recipe, None, progress=False, stats=load_statistics(str(store), stats_entry, model, recipe))
+    row = next(r for r in table if (r["group"], r["bits"], r["group_size"]) == (probe.group, 4, probe.group_size))
+    torch.set_num_threads(1)
+    assert f"{perplexity(model, prepared.eval_tokens[:256], 64, 2).ppl:.4g}" == f"{row['ppl']:.4g}"
+    if "sensitivity: seed sensitivity-1 (" in out:  # rendered like a recipe seed: that seed is its trial
+        assert "not added" in out
+    else:
+        assert [r for r in rows if r["seed_name"] == "sensitivity-1"]
+
+
 def test_a_budget_no_trial_meets_exits_3_naming_the_closest(two_nodes, tmp_path, smollm2_dir, smollm2_home, capsys):
     """SmolLM2 with 60 or 70 % of its weights pruned (a grid of the two) cannot stay within 1 %
-    perplexity: every trial is stopped after its first window, and the search says which came closest."""
+    perplexity: every trial is stopped after its first window, and the search says which came closest;
+    replayed to the end, the stopped trials confirm it."""
     data = str(smollm2_home / "store" / "datasets" / "shakespeare")
     store = tmp_path / "store"
     config = parse_config(SearchConfig, {
@@ -142,3 +174,14 @@ def test_a_budget_no_trial_meets_exits_3_naming_the_closest(two_nodes, tmp_path,
     assert "no trial met ppl <= " in out and f"closest: {best['recipe_name']}" in out
     assert math.isfinite(best["ppl"])
     assert not (store / "models").exists()  # nothing chosen, nothing stored
+
+    # Run to the end, the two stopped trials read 4x the tokens, and still no recipe is chosen.
+    assert replay_stopped(config) == 0
+    (replayed,) = [f for f in (store / "results").iterdir() if "-replay-" in f.name]
+    report = json.loads((replayed / "replay.json").read_text())
+    assert (report["tokens_search"], report["tokens_to_end"], report["saving"]) == (128, 512, 4.0)
+    assert report["same_choice"] and report["full"] is None and report["within_budget_at_end"] == []
+    again = pq.read_table(replayed / "replayed.parquet").to_pylist()
+    assert sorted(r["recipe_name"] for r in again) == sorted(r["recipe_name"] for r in rows)
+    assert all(r["status"] == "complete" and r["windows_done"] == 4 for r in again)
+    assert min(r["ppl_ratio"] for r in again) > 1.01

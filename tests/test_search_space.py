@@ -142,6 +142,13 @@ def write_config(tmp_path, tiny_llama_dir, shakespeare, **changes) -> str:
     ({"space": {"bits": [4], "quant_method": ["gptq"]}}, "need `calibration"),
     ({"eval": {"tokens": 256, "window": 65}}, "longer than the model's context"),
     ({"choose": {"min_decode_b1_vs": "int8-weight"}}, "neither fp32 nor a seed"),
+    ({"seeds": {"sensitivity": {}}, "space": {"bits": [4, 8], "per_group": []}}, "add bits to space.per_group"),
+    ({"seeds": {"sensitivity": {"tokens": 512}}, "space": {"bits": [4, None]}}, "is more than eval.tokens 256"),
+    ({"seeds": {"sensitivity": {"shares": [1.5]}}}, "distinct fractions of the budget"),
+    ({"seeds": {"sensitivity": {"tokens": 128}}}, "add null to space.bits"),
+    ({"seeds": {"sensitivity": {"tokens": 128}},
+      "space": {"bits": [4, None], "lowrank_energy": {"low": 0.8, "high": 0.9, "step": 0.1}}},
+     "needs lowrank_energy 1.0 in the space"),
 ])
 def test_a_bad_config_is_one_line_exit_2_and_no_run(changes, message, tmp_path, tiny_llama_dir, shakespeare,
                                                     capsys):

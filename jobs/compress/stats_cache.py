@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cluster.errors import UserError
@@ -77,10 +78,10 @@ def cache_key(model: dict[str, str], data: dict, calibration: CalibrationConfig,
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def entry_name(model_name: str, key: str) -> str:
+def entry_name(model_name: str, key: str, prefix: str = "calib") -> str:
     """The artifact's name: readable model part (a store name allows letters, digits, '.', '_', '-')."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip(".-") or "model"
-    return f"calib-{readable}-{key[:16]}"
+    return f"{prefix}-{readable}-{key[:16]}"
 
 
 def entry_for(model: Artifact, dataset: Artifact, calibration: CalibrationConfig, kinds: Iterable[str],
@@ -91,8 +92,14 @@ def entry_for(model: Artifact, dataset: Artifact, calibration: CalibrationConfig
     return entry_name(model.name, key), key
 
 
-def load_stats(artifact: Artifact) -> dict[str, InputStats]:
-    return stats_from_tensors(load_file(materialize(artifact) / STATS_FILE))
+def load_stats(artifact: Artifact, layers: Iterable[str] | None = None) -> dict[str, InputStats]:
+    """Every layer's statistics, or only those of `layers` (read alone from the file)."""
+    path = materialize(artifact) / STATS_FILE
+    if layers is None:
+        return stats_from_tensors(load_file(path))
+    wanted = set(layers)
+    with safe_open(path, framework="pt") as f:
+        return stats_from_tensors({k: f.get_tensor(k) for k in f.keys() if k.rpartition("/")[0] in wanted})
 
 
 def store_stats(store: Store, name: str, stats: dict[str, InputStats], meta: dict) -> None:
@@ -107,20 +114,29 @@ def store_stats(store: Store, name: str, stats: dict[str, InputStats], meta: dic
                 raise
 
 
-def load_or_collect(store: Store, model: Artifact, dataset: Artifact, calibration: CalibrationConfig,
-                    kinds: Iterable[str], layers: Iterable[str],
-                    collect: Callable[[], dict[str, InputStats]]) -> dict[str, InputStats]:
-    """The statistics stored for this model, data, settings, kinds and layers; when none are,
-    `collect()` makes them and they are stored for next time."""
+def ensure_stored(store: Store, model: Artifact, dataset: Artifact, calibration: CalibrationConfig,
+                  kinds: Iterable[str], layers: Iterable[str],
+                  collect: Callable[[], dict[str, InputStats]]) -> tuple[str, dict[str, InputStats] | None]:
+    """The artifact name of the statistics for this model, data, settings, kinds and layers; when none
+    is stored, `collect()` makes them, they are stored for next time and returned too (else None:
+    a caller that only passes the name on need not read them)."""
     kinds, layers = sorted(kinds), sorted(layers)
     name, key = entry_for(model, dataset, calibration, kinds, layers)
     if (cached := store.get(KIND, name)) is not None and cached.manifest.get("key") == key:
         print(f"calibration statistics: reusing stored {KIND} '{name}'")
-        return load_stats(cached)
+        return name, None
     stats = collect()
     meta = {"source": model.name, "format": "calibration-stats", "key": key, "data": dataset.name,
             "split": calibration.split, "kinds": kinds, "num_layers": len(layers),
             "recreate": f"rayfoundry cache rm {name}; the next compression collects it again"}
     store_stats(store, name, stats, meta)
     print(f"calibration statistics: collected and stored as {KIND} '{name}'")
-    return stats
+    return name, stats
+
+
+def load_or_collect(store: Store, model: Artifact, dataset: Artifact, calibration: CalibrationConfig,
+                    kinds: Iterable[str], layers: Iterable[str],
+                    collect: Callable[[], dict[str, InputStats]]) -> dict[str, InputStats]:
+    """The statistics themselves, stored or collected (see ensure_stored)."""
+    name, stats = ensure_stored(store, model, dataset, calibration, kinds, layers, collect)
+    return stats if stats is not None else load_stats(store.get(KIND, name))

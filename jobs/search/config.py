@@ -137,8 +137,28 @@ class Resources(StrictConfig):
     gpu: float = Field(0, ge=0)
 
 
+class SensitivitySeeds(StrictConfig):
+    """Mixed-precision seeds from each group's sensitivity (jobs/search/sensitivity.py)."""
+
+    tokens: int = Field(4096, ge=2, description="evaluation tokens each probe reads (the first of eval's)")
+    shares: list[float] = Field(default_factory=lambda: [0.5], min_length=1,
+                                description="one seed per share of the budget its predicted change may use")
+    bits: list[Literal[2, 3, 4, 8]] | None = Field(None, description="widths the seeds may give (default: the space's)")
+
+    @field_validator("shares")
+    @classmethod
+    def _fractions(cls, shares):
+        if any(not 0 < s <= 1 for s in shares) or len(set(shares)) != len(shares):
+            raise ValueError("shares are distinct fractions of the budget in (0, 1]")
+        return shares
+
+
 class SeedsConfig(StrictConfig):
     recipes: list[str] = Field(default_factory=list, description="uniform recipe files tried first")
+    sensitivity: SensitivitySeeds | None = Field(None, description="also seed with sensitivity-ranked mixed widths")
+
+    def count(self) -> int:
+        return len(self.recipes) + (len(self.sensitivity.shares) if self.sensitivity else 0)
 
 
 class SearchConfig(StrictConfig):
@@ -186,8 +206,8 @@ class SearchConfig(StrictConfig):
                 raise ValueError("calibration.stats_from: a search calibrates every trial on the original model's "
                                  "statistics, collected once; leave it out or set original")
             self.calibration.stats_from = "original"
-        if len(self.seeds.recipes) > self.num_trials:
-            raise ValueError(f"{len(self.seeds.recipes)} seed recipes but num_trials is {self.num_trials}")
+        if self.seeds.count() > self.num_trials:
+            raise ValueError(f"{self.seeds.count()} seeds but num_trials is {self.num_trials}")
         return self
 
     def measured(self) -> set[str]:

@@ -19,6 +19,7 @@ from jobs.data.shards import read_tokens
 from jobs.models.load import context_length, load_causal_lm, model_dir
 from jobs.search.config import SearchConfig
 from jobs.search.render import Candidate, point_from_recipe, render_recipe
+from jobs.search.sensitivity import check_seedable
 from jobs.search.space import Choices, ModuleGroup, check_searchable, choices, grid_size, module_groups
 
 SAMPLED_CHECKS = 8  # random points rendered and checked against the model besides the seeds
@@ -40,11 +41,12 @@ def prepare(config: SearchConfig, store: Store) -> Prepared:
     groups = module_groups(model, config.space.depth_buckets)
     found = choices(config.space, groups)
     check_searchable(found)
-    if config.searcher.kind == "grid" and grid_size(found) + len(config.seeds.recipes) > config.num_trials:
-        raise UserError(f"the grid has {grid_size(found)} points (plus {len(config.seeds.recipes)} seeds), "
+    if config.searcher.kind == "grid" and grid_size(found) + config.seeds.count() > config.num_trials:
+        raise UserError(f"the grid has {grid_size(found)} points (plus {config.seeds.count()} seeds), "
                         f"more than num_trials {config.num_trials}")
     seed_points, seed_names = seeds(config, found, groups, model)
     check_sampled_points(config, found, groups, model)
+    check_seedable(config, found, groups)
     reference = config.choose.min_decode_b1_vs
     if reference not in (None, "fp32", *seed_names.values()):
         raise UserError(f"choose.min_decode_b1_vs {reference!r} is neither fp32 nor a seed recipe's name "

@@ -15,6 +15,7 @@ from cluster.store import Store
 from jobs.bench.report import markdown_table, png_figure
 from jobs.search.config import SearchConfig
 from jobs.search.front import pareto_front
+from jobs.search.sensitivity import markdown_rows
 from jobs.search.trial import TrialContext
 
 REPORTED = ("seed_name", "is_seed", "ppl", "ppl_ratio", "windows_done", "tokens_evaluated", "linear_bytes",
@@ -90,6 +91,10 @@ def markdown(config: SearchConfig, rows: list[dict], front: list[int], baseline:
     seeds = [r for r in rows if r["seed_name"]]
     if seeds:
         lines += ["", "## Seed recipes (reference points)", "", markdown_table(seeds, SHOWN)]
+    if summary.get("sensitivity"):
+        lines += ["", "## Sensitivity: each group quantized alone", "",
+                  markdown_table(markdown_rows(summary["sensitivity"]),
+                                 ["group", "width", "method", "ppl", "ppl_change", "MiB_saved"])]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ recipe compressed into the model store and its perplexity reproduced."""
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -12,8 +13,9 @@ from pathlib import Path
 import ray
 import torch
 from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
-from cluster.errors import BUDGET_NOT_MET_EXIT_CODE
+from cluster.errors import BUDGET_NOT_MET_EXIT_CODE, UserError
 from cluster.store import Store
 from jobs.bench.decode import decode_rates
 from jobs.eval.perplexity import perplexity_stream
@@ -25,6 +27,7 @@ from jobs.search.front import choose, closest
 from jobs.search.prepare import Prepared, prepare
 from jobs.search.results import annotate, markdown, store_search_results, trial_rows
 from jobs.search.searchers import make_searcher, metric_key
+from jobs.search.sensitivity import ProbeContext, sensitivity_seeds
 from jobs.search.shared import ensure_statistics
 from jobs.search.space import grid_space, param_space
 from jobs.search.stopping import make_stopping
@@ -46,26 +49,27 @@ def run_search(config: SearchConfig, trial_fn: Callable = run_trial) -> int:
     return search(config, trial_fn).exit_code
 
 
+@dataclass
+class Trials:
+    """What Tune's trials of one run gave, with the reference they were measured against."""
+
+    rows: list[dict]
+    baseline: dict
+    limit: float
+    sensitivity: list[dict]
+    seconds: float
+
+
 def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcome:
     store = Store(config.store)
     prepared = prepare(config, store)
-    # A resumed run must be the same search; `force` itself is not part of what it was.
-    claim_run(config.model_copy(update={"force": False}), run_name(config), store, fresh=config.force)
-    connect(config.ray_address, config.resources_per_trial.cpu * config.concurrency)
-    # The shared calibration statistics first: they take every CPU the cluster has.
-    stats_entry = ensure_statistics(config, prepared.groups, store)
-    nll, baseline = ray.get(measure_baseline.options(num_cpus=config.resources_per_trial.cpu).remote(
-        config, str(prepared.model_path), prepared.eval_tokens))
-    limit = config.budget.limit(baseline["ppl"])
-    context = TrialContext(config, prepared.groups, prepared.found, str(prepared.model_path), store.uri,
-                           prepared.eval_tokens, stats_entry, nll, limit / baseline["ppl"], prepared.seed_names,
-                           baseline)
-    started = time.time()
-    rows = trial_rows(fit(config, context, prepared, store, trial_fn), context)
+    trials = run_trials(config, prepared, store, trial_fn, run_name(config))
+    rows, baseline, limit = trials.rows, trials.baseline, trials.limit
     front = annotate(rows, baseline, limit, config.objectives)
-    recipes = [r for r in rows if r["recipe_yaml"]]  # the uncompressed model is a reference, not a choice
-    chosen = choose(recipes, limit, config.choose.minimize, decode_floor(config, rows, baseline))
-    summary = summarize(config, rows, baseline, limit, chosen, time.time() - started)
+    chosen = choose_recipe(config, rows, baseline, limit)
+    summary = summarize(config, rows, baseline, limit, chosen, trials.seconds)
+    if trials.sensitivity:
+        summary["sensitivity"] = trials.sensitivity
     if chosen is not None:
         summary["chosen_model"], summary["reproduced"] = store_chosen(config, chosen, prepared.eval_tokens, store)
     if config.verify == "front":
@@ -82,6 +86,30 @@ def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcom
         return SearchOutcome(BUDGET_NOT_MET_EXIT_CODE, summary, None, uri, prepared.eval_tokens)
     print(f"chosen: {chosen['recipe_name']} -> model {summary['chosen_model']}")
     return SearchOutcome(0, summary, chosen, uri, prepared.eval_tokens)
+
+
+def run_trials(config: SearchConfig, prepared: Prepared, store: Store, trial_fn: Callable, run: str) -> Trials:
+    """Tune run `run` of the config's trials (resumed when the store holds it), after the work they share."""
+    # A resumed run must be the same search; `force` itself is not part of what it was.
+    claim_run(config.model_copy(update={"force": False}), run, store, fresh=config.force)
+    connect(config.ray_address, config.resources_per_trial.cpu * config.concurrency)
+    # The shared calibration statistics first: they take every CPU the cluster has.
+    stats_entry = ensure_statistics(config, prepared.groups, store)
+    nll, baseline = ray.get(measure_baseline.options(num_cpus=config.resources_per_trial.cpu).remote(
+        config, str(prepared.model_path), prepared.eval_tokens))
+    limit = config.budget.limit(baseline["ppl"])
+    sensitivity = add_sensitivity_seeds(config, prepared, stats_entry, limit / baseline["ppl"], store)
+    context = TrialContext(config, run, prepared.groups, prepared.found, str(prepared.model_path), store.uri,
+                           prepared.eval_tokens, stats_entry, nll, limit / baseline["ppl"], prepared.seed_names,
+                           baseline)
+    started = time.time()
+    rows = trial_rows(fit(config, context, prepared, store, trial_fn), context)
+    return Trials(rows, baseline, limit, sensitivity, time.time() - started)
+
+
+def choose_recipe(config: SearchConfig, rows: list[dict], baseline: dict, limit: float) -> dict | None:
+    recipes = [r for r in rows if r["recipe_yaml"]]  # the uncompressed model is a reference, not a choice
+    return choose(recipes, limit, config.choose.minimize, decode_floor(config, rows, baseline))
 
 
 @ray.remote
@@ -104,14 +132,31 @@ def measure_baseline(config: SearchConfig, model_path: str, tokens: torch.Tensor
     return [p.nll for p in partials], {**row, **objective_values(row, config)}
 
 
+def add_sensitivity_seeds(config: SearchConfig, prepared: Prepared, stats_entry: str | None, limit_ratio: float,
+                          store: Store) -> list[dict]:
+    """The sensitivity table (empty unless seeds.sensitivity asks); its mixed seeds join the prepared ones."""
+    if config.seeds.sensitivity is None:
+        return []
+    probe = ProbeContext(config, prepared.groups, prepared.found, str(prepared.model_path), store.uri,
+                         prepared.eval_tokens[:config.seeds.sensitivity.tokens], stats_entry)
+    table, points, names = sensitivity_seeds(probe, limit_ratio, prepared.seed_names, store)
+    prepared.seed_points += points
+    prepared.seed_names |= names
+    return table
+
+
 def fit(config: SearchConfig, context: TrialContext, prepared: Prepared, store: Store, trial_fn: Callable):
     trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context),
                                     {"cpu": config.resources_per_trial.cpu, "gpu": config.resources_per_trial.gpu})
-    path = f"{runs_uri(store)}/{run_name(config)}"
+    path = f"{runs_uri(store)}/{context.run}"
     if tune.Tuner.can_restore(path):
         print(f"resuming search {config.name} from {path}: finished trials are not run again", flush=True)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
+        try:
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        except (EOFError, pickle.UnpicklingError) as exc:  # a run that died while Tune wrote its state
+            raise UserError(f"search {config.name} cannot resume: Tune's state in {path} is unreadable "
+                            f"({type(exc).__name__}); start it afresh with --force") from None
     else:
         tuner = new_tuner(config, context, prepared, store, trainable)
     return tuner.fit()
@@ -122,15 +167,16 @@ def new_tuner(config: SearchConfig, context: TrialContext, prepared: Prepared, s
     windows = math.ceil(config.eval.tokens / config.eval.window)
     stopper, scheduler = make_stopping(config.early_stopping, context.limit_ratio, windows)
     worst = {metric_key(o): worst_value(o, context.baseline) for o in config.objectives}
+    searcher = make_searcher(config, prepared.seed_points, context.limit_ratio, worst)
     return tune.Tuner(
         trainable,
         param_space=grid_space(prepared.found) if grid else param_space(prepared.found),
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(config, prepared.seed_points, context.limit_ratio, worst),
-            scheduler=scheduler, num_samples=1 if grid else config.num_trials,
-            max_concurrent_trials=config.concurrency),
+            search_alg=searcher, scheduler=scheduler, num_samples=1 if grid else config.num_trials,
+            # a BasicVariantGenerator limits itself (searchers.py); Tune refuses to wrap one
+            max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else config.concurrency),
         run_config=tune.RunConfig(
-            name=run_name(config), storage_path=runs_uri(store), stop=stopper,
+            name=context.run, storage_path=runs_uri(store), stop=stopper,
             failure_config=tune.FailureConfig(max_failures=config.max_retries, fail_fast=False)),
     )
 

@@ -89,8 +89,10 @@ def make_searcher(config: SearchConfig, seeds: list[dict], limit_ratio: float,
                   worst: dict[str, float]) -> Searcher:
     kind, options = config.searcher.kind, config.searcher
     if kind in ("random", "grid"):
-        # Tune's default: random draws from the domains, or every combination of a grid space.
-        return BasicVariantGenerator(points_to_evaluate=seeds or None, random_state=options.seed)
+        # Tune's default: random draws from the domains, or every combination of a grid space. Tune
+        # applies max_concurrent_trials to a Searcher only, so this generator is given it itself.
+        return BasicVariantGenerator(points_to_evaluate=seeds or None, random_state=options.seed,
+                                     max_concurrent=config.concurrency)
     if kind == "optuna-tpe":
         sampler = optuna.samplers.TPESampler(seed=options.seed, multivariate=True,
                                              n_startup_trials=options.n_startup_trials)

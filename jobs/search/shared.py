@@ -15,7 +15,8 @@ import torch
 from cluster.store import Store
 from jobs.compress.calibration import InputStats, collect, stats_from_tensors, stats_to_tensors, token_batches
 from jobs.compress.pipeline import calibration_dataset, read_calibration_tokens
-from jobs.compress.stats_cache import KIND, entry_for, load_or_collect, load_stats
+from jobs.compress.recipe import Recipe, stats_to_collect
+from jobs.compress.stats_cache import KIND, ensure_stored, load_stats
 from jobs.models.load import load_causal_lm, model_dir, open_model
 from jobs.search.config import SearchConfig
 from jobs.search.space import ModuleGroup
@@ -43,9 +44,9 @@ def ensure_statistics(config: SearchConfig, groups: list[ModuleGroup], store: St
     source, calibration = open_model(config.model, store), config.calibration
     dataset = calibration_dataset(calibration, config.model, model_dir(config.model, store), store)
     layers = layers_of(groups)
-    load_or_collect(store, source, dataset, calibration, kinds, layers,
-                    lambda: collect_in_parallel(config, kinds, layers, store))
-    return entry_for(source, dataset, calibration, kinds, layers)[0]
+    name, _ = ensure_stored(store, source, dataset, calibration, kinds, layers,
+                            lambda: collect_in_parallel(config, kinds, layers, store))
+    return name
 
 
 def collect_in_parallel(config: SearchConfig, kinds: frozenset[str], layers: list[str],
@@ -75,7 +76,9 @@ def collect_share(config: SearchConfig, layers: list[str], kinds: frozenset[str]
     return stats_to_tensors(stats)
 
 
-def load_statistics(store_uri: str, entry: str | None) -> dict[str, InputStats] | None:
-    if entry is None:
+def load_statistics(store_uri: str, entry: str | None, model: torch.nn.Module,
+                    recipe: Recipe) -> dict[str, InputStats] | None:
+    """The cached statistics of the layers `recipe` calibrates (all of them would be ~0.5 GB on SmolLM2)."""
+    if entry is None or recipe.calibration is None:
         return None
-    return load_stats(Store(store_uri).get(KIND, entry))
+    return load_stats(Store(store_uri).get(KIND, entry), stats_to_collect(model, recipe)[1])

@@ -37,6 +37,7 @@ class TrialContext:
     """What every trial shares, put in Ray's object store once."""
 
     config: SearchConfig
+    run: str  # Tune's run name; the finished trials' cache is in its folder
     groups: list[ModuleGroup]
     found: Choices
     model_path: str
@@ -86,7 +87,7 @@ def run_trial(point: dict, context: TrialContext) -> None:
     if recipe is None:
         tune.report({**context.baseline, "cached": True})
         return
-    cache = TrialCache(context.store_uri, run_name(config))
+    cache = TrialCache(context.store_uri, context.run)
     if (cached := cache.get(recipe.name)) is not None:
         tune.report({**cached, "cached": True})
         return
@@ -96,7 +97,7 @@ def run_trial(point: dict, context: TrialContext) -> None:
            "measured_by_pid": os.getpid(), "cached": False, **{metric_key(o): None for o in config.objectives}}
     model = load_causal_lm(Path(context.model_path))
     started = time.perf_counter()
-    stats = load_statistics(context.store_uri, context.stats_entry) if recipe.calibration else None
+    stats = load_statistics(context.store_uri, context.stats_entry, model, recipe)
     steps = apply_recipe(model, recipe, None, progress=False, stats=stats)
     row |= {"compress_s": time.perf_counter() - started, "linear_bytes": linear_bytes(model)}
     report_perplexity(model, context, row)

@@ -1,0 +1,96 @@
+"""Early stopping checked: every trial a search stopped early, run again to the end.
+
+    python -m jobs.search --config configs/jobs/search_smollm2.yaml --replay-stopped
+
+Reads the search's newest results, runs each stopped trial's point with nothing stopping it (Tune run
+`search-<name>-replay`, resumable like the search), and reports how many evaluation tokens the search
+read against how many the same trials read when run to the end, which replayed trials end within
+budget, and whether the recipe chosen from the full results is the one the search chose.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.errors import UserError
+from cluster.store import Store
+from jobs.bench.report import markdown_table
+from jobs.search.config import EarlyStopConfig, SearcherConfig, SearchConfig, SeedsConfig
+from jobs.search.prepare import prepare
+from jobs.search.run import choose_recipe, run_trials
+from jobs.search.trial import run_name, run_trial
+
+SHOWN = ["recipe_name", "ppl", "ppl_ratio", "windows_done", "tokens_evaluated", "linear_bytes", "decode_b1"]
+
+
+def replay_config(config: SearchConfig, trials: int) -> SearchConfig:
+    """The search's settings with the stopped points as the only trials: no searcher draws, nothing
+    stops, no seeds (the points are given); the recipes keep the search's names."""
+    choose = config.choose.model_copy(update={"min_decode_b1_vs": None})  # the search's seeds are not rerun
+    return config.model_copy(update={
+        "num_trials": trials, "seeds": SeedsConfig(), "early_stopping": EarlyStopConfig(kind="none"),
+        "searcher": SearcherConfig(kind="random", seed=config.searcher.seed), "choose": choose})
+
+
+def replay_stopped(config: SearchConfig) -> int:
+    store = Store(config.store)
+    original = store.newest_result("search", config.name)
+    if original is None:
+        raise UserError(f"search {config.name} has no results to replay; run it first")
+    rows = pq.read_table(original.file_path("results.parquet"), filesystem=original.fs).to_pylist()
+    summary = json.loads(original.read_text("summary.json"))
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    if not stopped:
+        print(f"search {config.name} stopped no trial early: nothing to replay")
+        return 0
+    replay = replay_config(config, len(stopped))
+    prepared = prepare(replay, store)
+    prepared.seed_points = [json.loads(r["params_json"]) for r in stopped]
+    print(f"replaying the {len(stopped)} trials search {config.name} stopped early ({original.uri})", flush=True)
+    trials = run_trials(replay, prepared, store, run_trial, f"{run_name(config)}-replay")
+    full = [r for r in rows if r["status"] != "stopped"] + trials.rows
+    chosen = choose_recipe(config, full, summary["baseline"], summary["limit"])
+    report = compare(rows, trials.rows, summary, chosen)
+    text = markdown(config, report, trials.rows)
+    print(text)
+    print(f"results: {store_replay(config, trials.rows, report, text, store)}")
+    return 0
+
+
+def compare(rows: list[dict], replayed: list[dict], summary: dict, chosen: dict | None) -> dict:
+    ran = [r for r in rows if r["status"] == "complete" and not r.get("cached")]
+    to_end = sum(r["tokens_evaluated"] or 0 for r in ran + replayed)
+    return {"search": summary["chosen"], "full": chosen["recipe_name"] if chosen else None,
+            "same_choice": summary["chosen"] == (chosen["recipe_name"] if chosen else None),
+            "tokens_search": summary["tokens_evaluated"], "tokens_to_end": to_end,
+            "saving": to_end / summary["tokens_evaluated"] if summary["tokens_evaluated"] else 1.0,
+            "replayed": len(replayed), "errors": sum(r["status"] == "error" for r in replayed),
+            "within_budget_at_end": [r["recipe_name"] for r in replayed
+                                     if r["status"] == "complete" and r["ppl"] <= summary["limit"]]}
+
+
+def markdown(config: SearchConfig, report: dict, replayed: list[dict]) -> str:
+    lost = ", ".join(report["within_budget_at_end"]) or "none"
+    return "\n".join([
+        f"# Search {config.name}: stopped trials run to the end", "",
+        f"Tokens evaluated: {report['tokens_search']} by the search, {report['tokens_to_end']} with the same trials "
+        f"run to the end ({report['saving']:.2f}x fewer with early stopping).",
+        f"Replayed {report['replayed']} stopped trials ({report['errors']} errors); within budget at the end: {lost}.",
+        f"Chosen by the search: {report['search']}; from the full results: {report['full']} "
+        f"({'the same' if report['same_choice'] else 'DIFFERENT'}).", "",
+        markdown_table(sorted(replayed, key=lambda r: r["ppl_ratio"] or float("inf")), SHOWN)])
+
+
+def store_replay(config: SearchConfig, replayed: list[dict], report: dict, text: str, store: Store) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        pq.write_table(pa.Table.from_pylist(replayed), out / "replayed.parquet")
+        (out / "replay.md").write_text(text + "\n")
+        (out / "replay.json").write_text(json.dumps(report, indent=2) + "\n")
+        name = f"search-{config.name}-replay-{time.strftime('%Y%m%d-%H%M%S')}"
+        return store.put_dir("results", name, out, {"source": "search-replay", "run": config.name}).uri
