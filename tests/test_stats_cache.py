@@ -13,9 +13,9 @@ from jobs.compress.calibration import (
 )
 from jobs.compress.pipeline import compress_model, read_calibration_tokens
 from jobs.compress.recipe import Recipe, apply_recipe, collect_original, stats_to_collect
-from jobs.compress.stats_cache import KIND, cache_key, data_identity, load_or_collect, model_identity
+from jobs.compress.stats_cache import KIND, cache_key, data_identity, ensure_stored, load_or_collect, model_identity
 from jobs.data.prepared import open_dataset
-from jobs.models.load import open_model
+from jobs.models.load import model_dir, open_model
 
 CALIBRATION = {"samples": 4, "seq_len": 32, "batch_size": 2, "max_samples": 16}
 STEPS = [{"method": "gptq", "bits": 4, "group_size": 32, "modules": ["*.self_attn.*"]},
@@ -166,3 +166,25 @@ def test_statistics_given_must_cover_every_step(tiny_llama_dir):
                      stats=collect(model, linears(model), {"sq_norm"}, [tokens.view(4, 32)], progress=False))
     with pytest.raises(ValueError, match="only with `stats_from: original`"):
         apply_recipe(model, recipe("d", "sequential"), tokens, progress=False, stats={})
+
+
+def test_statistics_stored_for_more_layers_and_kinds_serve_a_recipe_that_needs_fewer(
+        tiny_llama_dir, data, tmp_path, monkeypatch, capsys):
+    """As a search stores them for every layer, and `jobs.compress` reapplies one of its recipes."""
+    r = recipe(data)
+    elsewhere = Store(str(tmp_path / "elsewhere"))
+    compress_model(str(tiny_llama_dir), r, "fresh", elsewhere)  # collects exactly what the recipe needs
+    store = Store(str(tmp_path / "store"))
+    dataset, source = open_dataset(data, store), open_model(str(tiny_llama_dir))
+    tokens = read_calibration_tokens(dataset, r.calibration)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    everything = sorted(linears(model))
+    ensure_stored(store, source, dataset, r.calibration, KINDS, everything,
+                  lambda: collect_original(model, r, tokens, frozenset(KINDS), everything, progress=False))
+    monkeypatch.setattr(pipeline, "collect_original", lambda *a, **k: pytest.fail("collected although stored"))
+    compress_model(str(tiny_llama_dir), r, "reapplied", store)
+    assert "which covers these layers" in capsys.readouterr().out
+    ours, theirs = (load_file(model_dir(name, s) / "model.safetensors")
+                    for name, s in (("reapplied", store), ("fresh", elsewhere)))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert len(store.list(KIND)) == 1

@@ -14,6 +14,9 @@ The key is the sha256 of a canonical JSON of everything the numbers depend on:
   `stats_from`, which only says whether this cache is used
 - the kinds of statistics and the layers, and FORMAT_VERSION, raised whenever the stored form or
   the way statistics are computed changes
+
+An entry collected for more kinds and layers of the same model, data and settings serves too (a
+search stores every layer its space can touch; a recipe it found, reapplied, needs some of them).
 """
 from __future__ import annotations
 
@@ -84,14 +87,6 @@ def entry_name(model_name: str, key: str, prefix: str = "calib") -> str:
     return f"{prefix}-{readable}-{key[:16]}"
 
 
-def entry_for(model: Artifact, dataset: Artifact, calibration: CalibrationConfig, kinds: Iterable[str],
-              layers: Iterable[str]) -> tuple[str, str]:
-    """(artifact name, full key) of the statistics for this model, data, settings, kinds and layers."""
-    key = cache_key(model_identity(model), data_identity(dataset, calibration.split), calibration,
-                    sorted(kinds), sorted(layers))
-    return entry_name(model.name, key), key
-
-
 def load_stats(artifact: Artifact, layers: Iterable[str] | None = None) -> dict[str, InputStats]:
     """Every layer's statistics, or only those of `layers` (read alone from the file)."""
     path = materialize(artifact) / STATS_FILE
@@ -117,21 +112,37 @@ def store_stats(store: Store, name: str, stats: dict[str, InputStats], meta: dic
 def ensure_stored(store: Store, model: Artifact, dataset: Artifact, calibration: CalibrationConfig,
                   kinds: Iterable[str], layers: Iterable[str],
                   collect: Callable[[], dict[str, InputStats]]) -> tuple[str, dict[str, InputStats] | None]:
-    """The artifact name of the statistics for this model, data, settings, kinds and layers; when none
-    is stored, `collect()` makes them, they are stored for next time and returned too (else None:
+    """The artifact name of statistics for this model, data, settings, kinds and layers: stored for
+    exactly these, or for more kinds and layers of the same model, data and settings (a search's, say);
+    when none is, `collect()` makes them, they are stored for next time and returned too (else None:
     a caller that only passes the name on need not read them)."""
     kinds, layers = sorted(kinds), sorted(layers)
-    name, key = entry_for(model, dataset, calibration, kinds, layers)
+    identity = (model_identity(model), data_identity(dataset, calibration.split))
+    key, source = cache_key(*identity, calibration, kinds, layers), cache_key(*identity, calibration, [], [])
+    name = entry_name(model.name, key)
     if (cached := store.get(KIND, name)) is not None and cached.manifest.get("key") == key:
         print(f"calibration statistics: reusing stored {KIND} '{name}'")
         return name, None
+    if (covering := covering_entry(store, source, kinds, layers)) is not None:
+        print(f"calibration statistics: reusing stored {KIND} '{covering.name}', which covers these layers")
+        return covering.name, None
     stats = collect()
     meta = {"source": model.name, "format": "calibration-stats", "key": key, "data": dataset.name,
-            "split": calibration.split, "kinds": kinds, "num_layers": len(layers),
-            "recreate": f"rayfoundry cache rm {name}; the next compression collects it again"}
+            "split": calibration.split, "kinds": kinds, "num_layers": len(layers), "source_key": source,
+            "layers": layers, "recreate": f"rayfoundry cache rm {name}; the next compression collects it again"}
     store_stats(store, name, stats, meta)
     print(f"calibration statistics: collected and stored as {KIND} '{name}'")
     return name, stats
+
+
+def covering_entry(store: Store, source: str, kinds: list[str], layers: list[str]) -> Artifact | None:
+    """A stored entry of the same model, data and settings (`source`) with every kind and layer asked for;
+    each layer's numbers do not depend on which other layers were collected with it."""
+    for artifact in store.list(KIND):
+        meta = artifact.manifest
+        if meta.get("source_key") == source and set(kinds) <= set(meta["kinds"]) and set(layers) <= set(meta["layers"]):
+            return artifact
+    return None
 
 
 def load_or_collect(store: Store, model: Artifact, dataset: Artifact, calibration: CalibrationConfig,
@@ -139,4 +150,4 @@ def load_or_collect(store: Store, model: Artifact, dataset: Artifact, calibratio
                     collect: Callable[[], dict[str, InputStats]]) -> dict[str, InputStats]:
     """The statistics themselves, stored or collected (see ensure_stored)."""
     name, stats = ensure_stored(store, model, dataset, calibration, kinds, layers, collect)
-    return stats if stats is not None else load_stats(store.get(KIND, name))
+    return stats if stats is not None else load_stats(store.get(KIND, name), layers)
