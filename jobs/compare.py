@@ -29,7 +29,7 @@ from jobs.compress.recipe import Recipe
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
-from jobs.eval.size import compressed_linear_bytes
+from jobs.eval.size import checkpoint_bytes, compressed_linear_bytes
 from jobs.models.load import load_causal_lm, model_dir, open_model
 from serve_apps.engine.config import EngineConfig
 
@@ -75,7 +75,7 @@ def measure(name: str, ref: str, config: CompareConfig, tokens: torch.Tensor, st
     stored, dense = compressed_linear_bytes(model)
     del model
     row = {"variant": name, "model": ref, "ppl": ppl, "linears_bytes": stored, "linears_fp32_bytes": dense,
-           "model_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+           "model_bytes": checkpoint_bytes(path)}
     return {**row, **decode_columns(path, config)}
 
 

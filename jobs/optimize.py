@@ -31,7 +31,7 @@ from jobs.bench.report import markdown_table, png_figure
 from jobs.compress.pipeline import check_out_free
 from jobs.compress.recipe import Recipe
 from jobs.eval.perplexity import perplexity
-from jobs.eval.size import linear_bytes
+from jobs.eval.size import checkpoint_bytes, linear_bytes
 from jobs.models.load import load_causal_lm, model_dir, open_model
 from jobs.search.config import SearchConfig
 from jobs.search.run import SearchOutcome, search
@@ -136,7 +136,7 @@ def measure(name: str, ref: str, config: SearchConfig, tokens: torch.Tensor, sto
     model = load_causal_lm(path)
     ppl = perplexity(model, tokens, config.eval.window, config.eval.batch_size).ppl
     row = {"model": name, "ref": ref, "ppl": ppl, "linear_bytes": linear_bytes(model),
-           "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+           "checkpoint_bytes": checkpoint_bytes(path)}
     return row
 
 

@@ -1,4 +1,6 @@
 """The Pareto front and the chosen recipe, on rows made by hand."""
+from jobs.search.config import SearchConfig
+from jobs.search.confirm import candidates
 from jobs.search.front import choose, closest, dominates, pareto_front
 
 OBJECTIVES = ["ppl", "linear_bytes", "decode_b1"]
@@ -54,3 +56,15 @@ def test_closest_counts_stopped_trials():
             {"recipe_name": "failed", "ppl": None, "ppl_ratio": None, "status": "error"}]
     assert closest(rows)["recipe_name"] == "b"
     assert closest([rows[2]]) is None
+
+
+def test_speed_candidates_are_within_budget_near_the_reference_smallest_first():
+    config = SearchConfig.model_validate({"name": "s", "model": "m", "budget": {"max_ppl_increase": 0.05},
+                                          "num_trials": 2, "choose": {"min_decode_b1_vs": "int8"}})
+    extra = [ROWS[1], row("slow", 10.5, 40, 30)]
+    rows = [{**r, "recipe_yaml": f"name: {r['recipe_name']}", "seed_name": None} for r in ROWS + extra]
+    reference = rows[0]
+    picked = candidates(config, rows, limit=10.65, reference=reference)
+    # 0.8 x 50 = 40 tok/s is the floor: `slow` and `sparse` (unmeasured) are out; int4 twice is one candidate
+    assert [r["recipe_name"] for r in picked] == ["int4", "int4-copy", "int8"]
+    assert [r["recipe_name"] for r in candidates(config, rows, limit=10.2, reference=reference)] == ["int8"]

@@ -104,6 +104,7 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
     summary = json.loads((folder / "summary.json").read_text())
     check_sensitivity(summary["sensitivity"], rows, out, config, store)
     chosen = next(r for r in rows if r["recipe_name"] == summary["chosen"])
+    check_speed_floor(summary, chosen)
     assert summary["reproduced"]["same_to_4_digits"], summary["reproduced"]
     others = {r["recipe_name"] for r in front if r["recipe_yaml"]} - {chosen["recipe_name"]}
     assert {c["recipe_name"] for c in summary["front_reproduced"]} == others
@@ -125,6 +126,19 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
     assert f"name: {chosen['recipe_name']}" in shown.stdout
     unknown = run([*RAYFOUNDRY, "search", "show", "nothing", "--store", str(store)], env_with_home(tmp_path / "h"))
     assert unknown.returncode == 2 and "no search named 'nothing'" in unknown.stderr
+
+
+def check_speed_floor(summary: dict, chosen: dict) -> None:
+    """The chosen recipe is int8-weight itself, or measured in turns against it and no slower; every
+    candidate measured before it was slower."""
+    checks = summary["speed_checks"]
+    if chosen["seed_name"] == "int8-weight":
+        assert all(not c["passed"] for c in checks)
+        return
+    *slower, last = checks
+    assert last["recipe_name"] == chosen["recipe_name"] and last["passed"] and not any(c["passed"] for c in slower)
+    assert len(last["samples"]) == len(last["reference_samples"]) == 3
+    assert last["decode_b1"] >= last["reference_decode_b1"] > 0
 
 
 def check_sensitivity(table: list[dict], rows: list[dict], out: str, config: SearchConfig, store: Path) -> None:

@@ -1,6 +1,8 @@
 """How many bytes a model's linear layers take as stored: the weights a decode step reads."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from kernels.compressed import CompressedLinear
@@ -27,3 +29,8 @@ def compressed_linear_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the compressed linears as stored, their bytes as float32 nn.Linear)."""
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     return sum(m.num_bytes() for m in layers), sum(dense_bytes(m) for m in layers)
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """The bytes of a checkpoint's weight files."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

@@ -130,6 +130,8 @@ class SpeedConfig(StrictConfig):
 class ChooseConfig(StrictConfig):
     minimize: Literal["ppl", "linear_bytes", "checkpoint_bytes"] = "linear_bytes"
     min_decode_b1_vs: str | None = Field(None, description="'fp32' or a seed recipe's name: decode_b1 at least its")
+    confirm: int = Field(3, ge=0, description="candidates measured against min_decode_b1_vs in turns, smallest "
+                                              "first (0: trust each trial's one figure)")
 
 
 class Resources(StrictConfig):

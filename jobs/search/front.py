@@ -6,7 +6,7 @@ import math
 from jobs.search.config import DIRECTION
 
 
-def _cost(row: dict, objective: str) -> float:
+def cost(row: dict, objective: str) -> float:
     """The objective as a cost, lower better; unmeasured counts as the worst."""
     value = row.get(objective)
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -15,7 +15,7 @@ def _cost(row: dict, objective: str) -> float:
 
 
 def dominates(a: dict, b: dict, objectives: list[str]) -> bool:
-    costs = [(_cost(a, o), _cost(b, o)) for o in objectives]
+    costs = [(cost(a, o), cost(b, o)) for o in objectives]
     return all(x <= y for x, y in costs) and any(x < y for x, y in costs)
 
 
@@ -30,7 +30,7 @@ def choose(rows: list[dict], limit: float, minimize: str, min_decode_b1: float |
     with the least `minimize`; ties go to the faster one."""
     fits = [r for r in rows if r["status"] == "complete" and r["ppl"] <= limit
             and (min_decode_b1 is None or (r.get("decode_b1") or 0) >= min_decode_b1)]
-    return min(fits, key=lambda r: (_cost(r, minimize), -(r.get("decode_b1") or 0)), default=None)
+    return min(fits, key=lambda r: (cost(r, minimize), -(r.get("decode_b1") or 0)), default=None)
 
 
 def closest(rows: list[dict]) -> dict | None:

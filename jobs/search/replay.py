@@ -22,7 +22,8 @@ from cluster.store import Store
 from jobs.bench.report import markdown_table
 from jobs.search.config import EarlyStopConfig, SearcherConfig, SearchConfig, SeedsConfig
 from jobs.search.prepare import prepare
-from jobs.search.run import choose_recipe, run_trials
+from jobs.search.confirm import choose_confirmed
+from jobs.search.run import run_trials
 from jobs.search.trial import run_name, run_trial
 
 SHOWN = ["recipe_name", "ppl", "ppl_ratio", "windows_done", "tokens_evaluated", "linear_bytes", "decode_b1"]
@@ -53,20 +54,28 @@ def replay_stopped(config: SearchConfig) -> int:
     prepared.seed_points = [json.loads(r["params_json"]) for r in stopped]
     print(f"replaying the {len(stopped)} trials search {config.name} stopped early ({original.uri})", flush=True)
     trials = run_trials(replay, prepared, store, run_trial, f"{run_name(config)}-replay")
-    full = [r for r in rows if r["status"] != "stopped"] + trials.rows
-    chosen = choose_recipe(config, full, summary["baseline"], summary["limit"])
-    report = compare(rows, trials.rows, summary, chosen)
+    report = compare(rows, trials.rows, summary)
+    if report["within_budget_at_end"]:  # the choice is made again, as the search made it, over all trials
+        full = annotated([r for r in rows if r["status"] != "stopped"] + trials.rows, summary["limit"])
+        chosen, _ = choose_confirmed(config, full, summary["baseline"], summary["limit"], store)
+        report["full"] = chosen["recipe_name"] if chosen else None
+    report["same_choice"] = report["full"] == report["search"]
     text = markdown(config, report, trials.rows)
     print(text)
     print(f"results: {store_replay(config, trials.rows, report, text, store)}")
     return 0
 
 
-def compare(rows: list[dict], replayed: list[dict], summary: dict, chosen: dict | None) -> dict:
+def annotated(rows: list[dict], limit: float) -> list[dict]:
+    return [{**r, "within_budget": r["status"] == "complete" and r["ppl"] <= limit} for r in rows]
+
+
+def compare(rows: list[dict], replayed: list[dict], summary: dict) -> dict:
+    """Tokens with and without early stopping. When every replayed trial ends over budget, the trials
+    within budget, and so the choice, are the search's own: `full` is then the search's choice."""
     ran = [r for r in rows if r["status"] == "complete" and not r.get("cached")]
     to_end = sum(r["tokens_evaluated"] or 0 for r in ran + replayed)
-    return {"search": summary["chosen"], "full": chosen["recipe_name"] if chosen else None,
-            "same_choice": summary["chosen"] == (chosen["recipe_name"] if chosen else None),
+    return {"search": summary["chosen"], "full": summary["chosen"],
             "tokens_search": summary["tokens_evaluated"], "tokens_to_end": to_end,
             "saving": to_end / summary["tokens_evaluated"] if summary["tokens_evaluated"] else 1.0,
             "replayed": len(replayed), "errors": sum(r["status"] == "error" for r in replayed),
@@ -76,13 +85,14 @@ def compare(rows: list[dict], replayed: list[dict], summary: dict, chosen: dict 
 
 def markdown(config: SearchConfig, report: dict, replayed: list[dict]) -> str:
     lost = ", ".join(report["within_budget_at_end"]) or "none"
+    why = "" if report["within_budget_at_end"] else ": no stopped trial ends within budget; the same candidates"
     return "\n".join([
         f"# Search {config.name}: stopped trials run to the end", "",
         f"Tokens evaluated: {report['tokens_search']} by the search, {report['tokens_to_end']} with the same trials "
         f"run to the end ({report['saving']:.2f}x fewer with early stopping).",
         f"Replayed {report['replayed']} stopped trials ({report['errors']} errors); within budget at the end: {lost}.",
         f"Chosen by the search: {report['search']}; from the full results: {report['full']} "
-        f"({'the same' if report['same_choice'] else 'DIFFERENT'}).", "",
+        f"({'the same' if report['same_choice'] else 'DIFFERENT'}{why}).", "",
         markdown_table(sorted(replayed, key=lambda r: r["ppl_ratio"] or float("inf")), SHOWN)])
 
 

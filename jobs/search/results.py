@@ -82,7 +82,8 @@ def markdown(config: SearchConfig, rows: list[dict], front: list[int], baseline:
              f"{baseline['ppl']:.4g}). Objectives: {', '.join(config.objectives)}. Trials: {counts}.",
              f"Tokens evaluated: {summary['tokens_evaluated']} of {summary['tokens_if_run_to_end']} had every "
              f"trial run to the end ({summary['early_stop_saving']:.2f}x fewer).",
-             f"Chosen: {summary['chosen'] or 'none within budget'}.", *reproduction(summary), "", "## Front", ""]
+             f"Chosen: {summary['chosen'] or 'none'}.", *speed_checks(summary), *reproduction(summary), "",
+             "## Front", ""]
     shown = [{**baseline, "recipe_name": "uncompressed", "seed_name": "fp32", "status": "reference",
               "ppl_change": 0.0, "linear_MiB": baseline["linear_bytes"] / 2**20,
               "checkpoint_MiB": (baseline.get("checkpoint_bytes") or 0) / 2**20 or None}]
@@ -96,6 +97,12 @@ def markdown(config: SearchConfig, rows: list[dict], front: list[int], baseline:
                   markdown_table(markdown_rows(summary["sensitivity"]),
                                  ["group", "width", "method", "ppl", "ppl_change", "MiB_saved"])]
     return "\n".join(lines)
+
+
+def speed_checks(summary: dict) -> list[str]:
+    return [f"Speed check: {c['recipe_name']} {c['decode_b1']:.1f} tok/s at batch 1 against {c['reference']} "
+            f"{c['reference_decode_b1']:.1f} (medians of {len(c['samples'])}, measured in turns): "
+            f"{'as fast' if c['passed'] else 'slower'}." for c in summary.get("speed_checks", [])]
 
 
 def reproduction(summary: dict) -> list[str]:

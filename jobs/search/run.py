@@ -19,11 +19,12 @@ from cluster.errors import BUDGET_NOT_MET_EXIT_CODE, UserError
 from cluster.store import Store
 from jobs.bench.decode import decode_rates
 from jobs.eval.perplexity import perplexity_stream
-from jobs.eval.size import linear_bytes
+from jobs.eval.size import checkpoint_bytes, linear_bytes
 from jobs.models.load import load_causal_lm
 from jobs.search.config import SearchConfig
 from jobs.search.finalize import store_chosen, verify_front
-from jobs.search.front import choose, closest
+from jobs.search.confirm import choose_confirmed
+from jobs.search.front import closest
 from jobs.search.prepare import Prepared, prepare
 from jobs.search.results import annotate, markdown, store_search_results, trial_rows
 from jobs.search.searchers import make_searcher, metric_key
@@ -66,10 +67,9 @@ def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcom
     trials = run_trials(config, prepared, store, trial_fn, run_name(config))
     rows, baseline, limit = trials.rows, trials.baseline, trials.limit
     front = annotate(rows, baseline, limit, config.objectives)
-    chosen = choose_recipe(config, rows, baseline, limit)
+    chosen, speed_checks = choose_confirmed(config, rows, baseline, limit, store)
     summary = summarize(config, rows, baseline, limit, chosen, trials.seconds)
-    if trials.sensitivity:
-        summary["sensitivity"] = trials.sensitivity
+    summary |= {"speed_checks": speed_checks, "sensitivity": trials.sensitivity}
     if chosen is not None:
         summary["chosen_model"], summary["reproduced"] = store_chosen(config, chosen, prepared.eval_tokens, store)
     if config.verify == "front":
@@ -80,12 +80,20 @@ def search(config: SearchConfig, trial_fn: Callable = run_trial) -> SearchOutcom
     print(markdown(config, rows, front, baseline, summary))
     print(f"results: {uri}")
     if chosen is None:
-        near = closest(rows)
-        where = f"; closest: {near['recipe_name']} ppl {near['ppl']:.4g} ({near['ppl_change']:+.1%})" if near else ""
-        print(f"no trial met ppl <= {limit:.4g}{where}")
+        print(not_chosen_reason(config, rows, limit))
         return SearchOutcome(BUDGET_NOT_MET_EXIT_CODE, summary, None, uri, prepared.eval_tokens)
     print(f"chosen: {chosen['recipe_name']} -> model {summary['chosen_model']}")
     return SearchOutcome(0, summary, chosen, uri, prepared.eval_tokens)
+
+
+def not_chosen_reason(config: SearchConfig, rows: list[dict], limit: float) -> str:
+    within = [r for r in rows if r["recipe_yaml"] and r["within_budget"]]
+    if within:
+        return (f"{len(within)} trials met ppl <= {limit:.4g} but none was as fast as "
+                f"{config.choose.min_decode_b1_vs} measured in turns (choose.min_decode_b1_vs)")
+    near = closest(rows)
+    where = f"; closest: {near['recipe_name']} ppl {near['ppl']:.4g} ({near['ppl_change']:+.1%})" if near else ""
+    return f"no trial met ppl <= {limit:.4g}{where}"
 
 
 def run_trials(config: SearchConfig, prepared: Prepared, store: Store, trial_fn: Callable, run: str) -> Trials:
@@ -107,11 +115,6 @@ def run_trials(config: SearchConfig, prepared: Prepared, store: Store, trial_fn:
     return Trials(rows, baseline, limit, sensitivity, time.time() - started)
 
 
-def choose_recipe(config: SearchConfig, rows: list[dict], baseline: dict, limit: float) -> dict | None:
-    recipes = [r for r in rows if r["recipe_yaml"]]  # the uncompressed model is a reference, not a choice
-    return choose(recipes, limit, config.choose.minimize, decode_floor(config, rows, baseline))
-
-
 @ray.remote
 def measure_baseline(config: SearchConfig, model_path: str, tokens: torch.Tensor) -> tuple[list[float], dict]:
     """The uncompressed model measured as a trial is: nll after each batch of windows, and its row."""
@@ -121,7 +124,7 @@ def measure_baseline(config: SearchConfig, model_path: str, tokens: torch.Tensor
     row = {"recipe_name": "uncompressed", "seed_name": "fp32", "is_seed": False, "ppl": math.exp(partials[-1].nll),
            "ppl_ratio": 1.0, "windows_done": partials[-1].windows, "tokens_evaluated": partials[-1].tokens,
            "linear_bytes": linear_bytes(model), "final": True,
-           "checkpoint_bytes": sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))}
+           "checkpoint_bytes": checkpoint_bytes(Path(model_path))}
     del model
     wanted = {1: "decode_b1", config.speed.batch_n: "decode_bN"}
     wanted = {n: key for n, key in wanted.items() if key in config.measured()}
@@ -185,19 +188,6 @@ def worst_value(objective: str, baseline: dict) -> float:
     """What the searcher is told for an objective a trial never measured: no better than the
     uncompressed model's bytes, no tokens/s at all."""
     return 0.0 if objective.startswith("decode") else float(baseline.get(objective) or 0.0)
-
-
-def decode_floor(config: SearchConfig, rows: list[dict], baseline: dict) -> float | None:
-    reference = config.choose.min_decode_b1_vs
-    if reference is None:
-        return None
-    if reference == "fp32":
-        return baseline["decode_b1"]
-    measured = [r["decode_b1"] for r in rows if r["seed_name"] == reference and r.get("decode_b1")]
-    if not measured:
-        print(f"warning: seed {reference} has no decode speed (it failed or was not measured); "
-              "the chosen recipe is not held to it")
-    return max(measured, default=None)
 
 
 def summarize(config: SearchConfig, rows: list[dict], baseline: dict, limit: float, chosen: dict | None,
