@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from checkpoint_helpers import IDS, compress_and_save, logits
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cluster.store import Store
-from jobs.compress.checkpoint import export_dense, save_compressed
-from jobs.compress.recipe import Recipe, apply_recipe
+from jobs.compress.checkpoint import export_dense
 from jobs.data.prepared import open_dataset
 from jobs.data.shards import read_tokens
 from jobs.eval.perplexity import perplexity
@@ -29,21 +29,11 @@ RECIPE = {
          "overrides": [{"modules": ["*.up_proj"], "bits": 8, "group_size": None}]},
     ],
 }
-IDS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 3, 64, 8]])
 
 
 @pytest.fixture(scope="module")
 def compressed(tiny_llama_dir, tmp_path_factory):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    report = apply_recipe(model, Recipe.model_validate(RECIPE), None, progress=False)
-    out = tmp_path_factory.mktemp("compressed") / "model"
-    save_compressed(model, out, tiny_llama_dir, RECIPE, report)
-    return model, out
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
+    return compress_and_save(tiny_llama_dir, RECIPE, tmp_path_factory.mktemp("compressed") / "model")
 
 
 def test_a_checkpoint_reloads_bit_identical(compressed):
@@ -52,7 +42,7 @@ def test_a_checkpoint_reloads_bit_identical(compressed):
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, Int8WeightOnlyLinear)
     assert isinstance(reloaded.model.layers[1].mlp.down_proj, Int4WeightOnlyLinear)
     assert isinstance(reloaded.lm_head, Int8WeightOnlyLinear)
-    assert torch.equal(_logits(reloaded), _logits(model))
+    assert torch.equal(logits(reloaded), logits(model))
     stored = load_file(path / "model.safetensors")
     assert stored["model.layers.0.mlp.down_proj.codes"].dtype == torch.uint8  # int4, two per byte
     assert "model.layers.0.mlp.down_proj.weight" not in stored
@@ -66,7 +56,7 @@ def test_the_engine_serves_a_checkpoint_with_fused_and_stacked_layers(compressed
     assert isinstance(mlp.gate_up_proj, StackedLinear)  # int4 gate beside int8 up
     ids = IDS[0].tolist()
     (output,) = engine.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
-    expected = _logits(model)[0, :-1].log_softmax(-1).gather(1, IDS[0, 1:, None])[:, 0]
+    expected = logits(model)[0, :-1].log_softmax(-1).gather(1, IDS[0, 1:, None])[:, 0]
     torch.testing.assert_close(torch.tensor([p.logprob for p in output.prompt_logprobs]), expected,
                                atol=1e-4, rtol=0)
 
@@ -76,7 +66,7 @@ def test_a_dense_export_loads_in_plain_transformers(compressed, tmp_path):
     export_dense(path, tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     assert not dense.config.tie_word_embeddings  # the quantized head no longer equals the embedding
-    torch.testing.assert_close(_logits(dense), _logits(model), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(dense), logits(model), atol=1e-4, rtol=0)
 
 
 def test_eval_ppl_takes_a_checkpoint_like_any_model(compressed, smollm2_home, capsys):

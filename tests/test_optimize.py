@@ -34,27 +34,8 @@ def stored(home: Path, kind: str) -> list[Path]:
     return sorted(folder.iterdir()) if folder.exists() else []
 
 
-def test_optimize_searches_stores_and_reports(cli, home, tiny_llama_dir, smollm2_home, search_yaml):
-    data = str(smollm2_home / "store" / "datasets" / "shakespeare")
-    done = cli("optimize", "--model", str(tiny_llama_dir), "--data", data, "--max-ppl-increase", "50%",
-               "--trials", "3", "--config", search_yaml, "--out", "tiny-opt")
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = json.loads((home / "store" / "models" / "tiny-opt" / "manifest.json").read_text())
-    assert manifest["recipe"]["steps"]
-    (report,) = [p for p in stored(home, "results") if p.name.startswith("optimize-")]
-    text = (report / "report.md").read_text()
-    assert "| original |" in text and "| optimized |" in text and "Search: 3 trials" in text
-    assert (report / "report.png").stat().st_size > 0
-    assert check_serve_config(report / "serve.yaml") == 1
-    served = yaml.safe_load((report / "serve.yaml").read_text())["applications"][0]["args"]["models"][0]
-    assert served["model_id"] == "tiny-opt" and Path(served["model"].removeprefix("file://")).is_dir()
-    rows = json.loads((report / "summary.json").read_text())["rows"]
-    assert rows[1]["linear_bytes"] < rows[0]["linear_bytes"]
-    assert all(r["decode_b1"] and r["decode_bN"] for r in rows)
-
-
-def test_optimize_with_qat_trains_the_chosen_round_to_nearest_recipe(cli, home, tiny_llama_dir, smollm2_home,
-                                                                    search_yaml, tmp_path):
+def test_optimize_searches_trains_stores_and_reports(cli, home, tiny_llama_dir, smollm2_home, search_yaml, tmp_path):
+    """The whole way with --recover qat (the plain way is the same minus the QAT step)."""
     qat = tmp_path / "qat.yaml"
     qat.write_text(yaml.safe_dump({
         "model": "unused", "recipe": "unused", "out": "unused", "eval_tokens": 256, "eval_window": 64,
@@ -62,14 +43,22 @@ def test_optimize_with_qat_trains_the_chosen_round_to_nearest_recipe(cli, home, 
                   "eval_every": 2, "eval_tokens": 128, "eval_window": 64, "checkpoint_every": 2}}))
     data = str(smollm2_home / "store" / "datasets" / "shakespeare")
     done = cli("optimize", "--model", str(tiny_llama_dir), "--data", data, "--max-ppl-increase", "50%",
-               "--trials", "2", "--config", search_yaml, "--recover", "qat", "--qat-config", str(qat),
+               "--trials", "3", "--config", search_yaml, "--recover", "qat", "--qat-config", str(qat),
                "--out", "tiny-qat")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "narrowed to round-to-nearest" in done.stdout
     manifest = json.loads((home / "store" / "models" / "tiny-qat" / "manifest.json").read_text())
     assert manifest["trained"] == "qat" and {s["method"] for s in manifest["recipe"]["steps"]} == {"rtn"}
     (report,) = [p for p in stored(home, "results") if p.name.startswith("optimize-")]
-    assert "| optimized + QAT |" in (report / "report.md").read_text()
+    text = (report / "report.md").read_text()
+    assert "| original |" in text and "| optimized + QAT |" in text and "Search: 3 trials" in text
+    assert (report / "report.png").stat().st_size > 0
+    assert check_serve_config(report / "serve.yaml") == 1
+    served = yaml.safe_load((report / "serve.yaml").read_text())["applications"][0]["args"]["models"][0]
+    assert served["model_id"] == "tiny-qat" and Path(served["model"].removeprefix("file://")).is_dir()
+    rows = json.loads((report / "summary.json").read_text())["rows"]
+    assert rows[1]["linear_bytes"] < rows[0]["linear_bytes"]
+    assert all(r["decode_b1"] and r["decode_bN"] for r in rows)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from checkpoint_helpers import compress_and_save, logits
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -16,7 +17,15 @@ from jobs.compress.recipe import Recipe, apply_recipe
 from jobs.compress.weight_only import WeightOnlyConfig
 from jobs.models.load import load_causal_lm
 from kernels.compressed import fuse_rows
-from kernels.quant import QuantSpec, dequantize, pack_int2, pack_int3, quantize, unpack_int2, unpack_int3
+from kernels.quant import (
+    QuantSpec,
+    dequantize,
+    pack_int2,
+    pack_int3,
+    quantize,
+    unpack_int2,
+    unpack_int3,
+)
 from kernels.quant_linear import Int2WeightOnlyLinear, Int3WeightOnlyLinear
 from serve_apps.engine.config import EngineConfig
 from serve_apps.engine.llm_engine import LLMEngine
@@ -25,7 +34,6 @@ from serve_apps.engine.sampling_params import SamplingParams
 PACKING = {2: (pack_int2, unpack_int2), 3: (pack_int3, unpack_int3)}
 BYTES_PER_INPUT = {2: 1 / 4, 3: 3 / 8}
 LAYER_CLASSES = {2: Int2WeightOnlyLinear, 3: Int3WeightOnlyLinear}
-IDS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 3, 64, 8]])
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -117,16 +125,7 @@ RECIPE = {
 
 @pytest.fixture(scope="module")
 def low_bit_checkpoint(tiny_llama_dir, tmp_path_factory):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    report = apply_recipe(model, Recipe.model_validate(RECIPE), None, progress=False)
-    out = tmp_path_factory.mktemp("low-bits") / "model"
-    save_compressed(model, out, tiny_llama_dir, RECIPE, report)
-    return model, out
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
+    return compress_and_save(tiny_llama_dir, RECIPE, tmp_path_factory.mktemp("low-bits") / "model")
 
 
 def test_a_low_bit_checkpoint_reloads_bit_identical(low_bit_checkpoint):
@@ -134,7 +133,7 @@ def test_a_low_bit_checkpoint_reloads_bit_identical(low_bit_checkpoint):
     reloaded = load_causal_lm(path)
     assert isinstance(reloaded.model.layers[0].self_attn.k_proj, Int2WeightOnlyLinear)
     assert isinstance(reloaded.model.layers[1].mlp.down_proj, Int3WeightOnlyLinear)
-    assert torch.equal(_logits(reloaded), _logits(model))
+    assert torch.equal(logits(reloaded), logits(model))
     stored = load_file(path / "model.safetensors")
     assert stored["model.layers.0.mlp.down_proj.codes"].shape == (64, 128 * 3 // 8)
     assert stored["model.layers.0.self_attn.q_proj.codes"].shape == (64, 64 // 4)
@@ -144,7 +143,7 @@ def test_a_low_bit_checkpoint_exports_dense(low_bit_checkpoint, tmp_path):
     model, path = low_bit_checkpoint
     export_dense(path, tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
-    torch.testing.assert_close(_logits(dense), _logits(model), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(dense), logits(model), atol=1e-4, rtol=0)
 
 
 def test_the_engine_serves_an_int3_checkpoint_as_transformers_does(tiny_llama_dir, tmp_path):

@@ -23,13 +23,17 @@ from jobs.bench.decode import decode_rates
 from jobs.compress.checkpoint import save_compressed
 from jobs.compress.recipe import Recipe, apply_recipe
 from jobs.eval.perplexity import perplexity_stream
-from jobs.eval.size import linear_bytes
+from jobs.eval.size import checkpoint_bytes, linear_bytes
 from jobs.models.load import load_causal_lm
 from jobs.search.config import SearchConfig
 from jobs.search.render import Candidate, render_recipe
 from jobs.search.searchers import metric_key
 from jobs.search.shared import load_statistics
 from jobs.search.space import Choices, ModuleGroup
+
+
+# Tune's progress table shows the first four numbers a trial reports: these lead every report.
+TABLE_COLUMNS = ("ppl_ratio", "ppl", "windows_done", "linear_bytes")
 
 
 @dataclass
@@ -92,7 +96,7 @@ def run_trial(point: dict, context: TrialContext) -> None:
         tune.report({**cached, "cached": True})
         return
     torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
-    row = {"recipe_name": recipe.name, "seed_name": context.seeds.get(recipe.name),
+    row = {**dict.fromkeys(TABLE_COLUMNS), "recipe_name": recipe.name, "seed_name": context.seeds.get(recipe.name),
            "is_seed": recipe.name in context.seeds, "node_id": ray.get_runtime_context().get_node_id(),
            "measured_by_pid": os.getpid(), "cached": False, **{metric_key(o): None for o in config.objectives}}
     model = load_causal_lm(Path(context.model_path))
@@ -126,7 +130,7 @@ def measure_checkpoint(model: torch.nn.Module, recipe: Recipe, steps: list[dict]
     with tempfile.TemporaryDirectory(prefix="rayfoundry-trial-") as tmp:
         folder = Path(tmp) / "model"
         save_compressed(model, folder, Path(context.model_path), recipe.model_dump(mode="json"), steps)
-        measured = {"checkpoint_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+        measured = {"checkpoint_bytes": checkpoint_bytes(folder)}
         if wanted:
             rates = decode_rates(folder, config.speed.engine, wanted, config.speed.prompt_tokens,
                                  config.speed.max_tokens)
