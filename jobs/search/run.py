@@ -15,7 +15,7 @@ import torch
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
-from cluster.errors import BUDGET_NOT_MET_EXIT_CODE, UserError
+from cluster.errors import BUDGET_NOT_MET_EXIT_CODE, Interrupted, UserError
 from cluster.store import Store
 from jobs.bench.decode import decode_rates
 from jobs.eval.perplexity import perplexity_stream
@@ -111,8 +111,18 @@ def run_trials(config: SearchConfig, prepared: Prepared, store: Store, trial_fn:
                            prepared.eval_tokens, stats_entry, nll, limit / baseline["ppl"], prepared.seed_names,
                            baseline)
     started = time.time()
-    rows = trial_rows(fit(config, context, prepared, store, trial_fn), context)
-    return Trials(rows, baseline, limit, sensitivity, time.time() - started)
+    grid = fit(config, context, prepared, store, trial_fn)
+    check_finished(grid, config, run)
+    return Trials(trial_rows(grid, context), baseline, limit, sensitivity, time.time() - started)
+
+
+def check_finished(grid: tune.ResultGrid, config: SearchConfig, run: str) -> None:
+    """Tune hands back what it has when interrupted (Ctrl-C): results of part of a run would mislead."""
+    done = grid.num_terminated + grid.num_errors
+    expected = len(grid) if config.searcher.kind == "grid" else config.num_trials
+    if done < max(len(grid), expected):
+        raise Interrupted(f"{run} stopped with {done} of {expected} trials finished; "
+                          "run the same command again to resume it")
 
 
 @ray.remote
