@@ -7,7 +7,7 @@ method, pattern, low-rank energy), compresses the model with it, reports perplex
 (hopeless trials stop early), then checkpoint bytes and decode tokens/s on our engine. Results: every
 trial in Parquet, the Pareto front as Markdown and PNG, the chosen recipe as YAML and its checkpoint
 in the model store. Exit 0 with a chosen recipe, 2 for a bad config (before any trial), 3 when no
-trial met the budget. Run again after an interruption to resume: finished trials are not redone.
+trial met the budget, 130 when interrupted (nothing is written as results). Run again after an interruption to resume: finished trials are not redone.
 --replay-stopped runs the trials the search stopped early to the end, and reports what stopping saved
 and whether it changed the chosen recipe (jobs/search/replay.py).
 """
