@@ -129,8 +129,8 @@ def test_trials_run_on_both_nodes_a_failure_is_recorded_and_the_chosen_recipe_re
 
 
 def check_speed_floor(summary: dict, chosen: dict) -> None:
-    """The chosen recipe is int8-weight itself, or measured in turns against it and no slower; every
-    candidate measured before it was slower."""
+    """The chosen recipe is int8-weight itself (every candidate measured was slower), or measured in turns
+    against it and no slower, every candidate measured before it slower."""
     checks = summary["speed_checks"]
     if chosen["seed_name"] == "int8-weight":
         assert all(not c["passed"] for c in checks)

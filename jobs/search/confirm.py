@@ -4,7 +4,8 @@ Trials measure decode tok/s once each, minutes apart; on a shared machine one fi
 third. So with `choose.min_decode_b1_vs`, the candidates within budget whose trial figure is within
 `TOLERANCE` of the reference's are taken smallest first, and each is measured against the reference
 (that seed recipe, or the float model) in turns, ROUNDS times each, in one Ray task on one node: the
-first whose median is at least the reference's median is chosen.
+first whose median is at least the reference's median is chosen; when none is, the reference recipe
+itself (if within budget).
 """
 from __future__ import annotations
 
@@ -72,7 +73,9 @@ def choose_confirmed(config: SearchConfig, rows: list[dict], baseline: dict, lim
               flush=True)
         if check["passed"]:
             return row, checks
-    return None, checks
+    # None measured as fast: the reference itself, as fast as itself, when it is a recipe within budget.
+    fits = reference.get("recipe_yaml") and reference["status"] == "complete" and reference["ppl"] <= limit
+    return (reference if fits else None), checks
 
 
 @ray.remote
