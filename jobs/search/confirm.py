@@ -51,15 +51,16 @@ def candidates(config: SearchConfig, rows: list[dict], limit: float, reference: 
 def choose_confirmed(config: SearchConfig, rows: list[dict], baseline: dict, limit: float,
                      store: Store) -> tuple[dict | None, list[dict]]:
     """(the chosen row or None, one record per candidate measured against the reference)."""
+    recipes = [r for r in rows if r["recipe_yaml"]]  # the uncompressed model is a reference, not a choice
     if config.choose.min_decode_b1_vs is None:
-        return choose([r for r in rows if r["recipe_yaml"]], limit, config.choose.minimize, None), []
+        return choose(recipes, limit, config.choose.minimize, None), []
     reference = reference_row(config, rows, baseline)
     if reference is None:
         print(f"warning: {config.choose.min_decode_b1_vs} has no decode speed (it failed or was not measured); "
               "the chosen recipe is not held to it")
-        return choose([r for r in rows if r["recipe_yaml"]], limit, config.choose.minimize, None), []
+        return choose(recipes, limit, config.choose.minimize, None), []
     if config.choose.confirm == 0:
-        return choose([r for r in rows if r["recipe_yaml"]], limit, config.choose.minimize, reference["decode_b1"]), []
+        return choose(recipes, limit, config.choose.minimize, reference["decode_b1"]), []
     checks = []
     for row in candidates(config, rows, limit, reference)[:config.choose.confirm]:
         if row["recipe_name"] == reference.get("recipe_name"):
