@@ -13,7 +13,7 @@ from jobs.search.render import Candidate, render_recipe
 from jobs.search.sensitivity import COST_BINS, Probe, cheapest_within, mixed_seeds, point_for, probes_for
 from jobs.search.space import choices, module_groups
 
-SPACE = {"bits": [2, 4, 8, None], "group_size": [32, 128, None], "quant_method": ["rtn", "gptq"],
+SPACE = {"bits": [2, 4, 8, None], "group_size": [32, 64, 128, None], "quant_method": ["rtn", "gptq"],
          "per_group": ["bits", "group_size", "sparsity"], "sparsity": {"low": 0, "high": 0.5, "step": 0.25},
          "lowrank_energy": {"low": 0.9, "high": 1.0, "step": 0.1}, "head_bits": [8, None]}
 
@@ -24,13 +24,13 @@ def config(**seeds) -> SearchConfig:
         "calibration": {"data": "d"}, "seeds": {"sensitivity": seeds}})
 
 
-def test_probes_cover_every_group_width_and_the_extreme_group_sizes(tiny_llama_dir):
+def test_probes_cover_every_group_width_and_group_size(tiny_llama_dir):
     groups = module_groups(load_causal_lm(tiny_llama_dir), 2)
     found = choices(config().space, groups)
     probes = probes_for(config(), found, groups)
     assert Probe("attn0", 8, None, "gptq") in probes  # 8 bits per row: what int8-weight does
-    assert {(p.bits, p.group_size) for p in probes if p.group == "mlp1"} == {(8, None), (4, 128), (4, 32),
-                                                                             (2, 128), (2, 32)}
+    assert {(p.bits, p.group_size) for p in probes if p.group == "mlp1"} == {(8, None), (4, 128), (4, 64), (4, 32),
+                                                                             (2, 128), (2, 64), (2, 32)}
     assert [p for p in probes if p.group == "head"] == [Probe("head", 8, None, "gptq")]
     narrowed = probes_for(config(bits=[4]), found, groups)
     assert {p.bits for p in narrowed} == {4} and not [p for p in narrowed if p.group == "head"]

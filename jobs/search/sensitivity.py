@@ -50,8 +50,8 @@ class Probe:
 
 
 def probes_for(config: SearchConfig, found: Choices, groups: list[ModuleGroup]) -> list[Probe]:
-    """Every width the seed may give a group, each at the group sizes that matter most: the coarsest and
-    the finest the space has (8 bits per row when it may)."""
+    """Every width the seed may give a group, each at every group size the space has (8 bits per row
+    when it may): the knapsack can only choose a size it has a cost for."""
     space, method = config.space, "gptq" if "gptq" in config.space.quant_method else "rtn"
     widths = config.seeds.sensitivity.bits or [b for b in space.bits if b is not None]
     sizes = sorted(g for g in space.group_size if g is not None)
@@ -74,7 +74,7 @@ def probe_sizes(bits: int, sizes: list[int], choices: list[int | None], per_grou
         return [sizes[-1]]
     if bits == 8 and None in choices:
         return [None]
-    return sorted({sizes[-1], sizes[0]}, reverse=True)
+    return sorted(sizes, reverse=True)
 
 
 def point_for(found: Choices, widths: dict[str, tuple[int, int | None]], method: str) -> dict:
