@@ -2,6 +2,7 @@
 from jobs.search.config import SearchConfig
 from jobs.search.confirm import candidates
 from jobs.search.front import choose, closest, dominates, pareto_front
+from jobs.search.replay import could_change_choice
 
 OBJECTIVES = ["ppl", "linear_bytes", "decode_b1"]
 
@@ -68,3 +69,13 @@ def test_speed_candidates_are_within_budget_near_the_reference_smallest_first():
     # 0.8 x 50 = 40 tok/s is the floor: `slow` and `sparse` (unmeasured) are out; int4 twice is one candidate
     assert [r["recipe_name"] for r in picked] == ["int4", "int4-copy", "int8"]
     assert [r["recipe_name"] for r in candidates(config, rows, limit=10.2, reference=reference)] == ["int8"]
+
+
+def test_only_stopped_trials_no_bigger_than_the_choice_could_change_it():
+    stopped = [row("small", 30, 50, None, "stopped"), row("same", 30, 60, None, "stopped"),
+               row("big", 11, 70, None, "stopped"), row("unmeasured", 12, None, None, "stopped")]
+    chosen = ROWS[1]  # int4: 60 bytes
+    names = [r["recipe_name"] for r in could_change_choice(stopped, chosen, "linear_bytes")]
+    assert names == ["small", "same", "unmeasured"]  # an unknown value could be anything
+    assert could_change_choice(stopped, None, "linear_bytes") == stopped  # nothing chosen: all could be
+    assert could_change_choice(stopped, chosen, "ppl") == stopped  # a stopped trial's ppl is not its last

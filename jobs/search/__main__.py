@@ -1,6 +1,6 @@
 """Search compression recipes with Ray Tune for the smallest, fastest model within a quality budget.
 
-    python -m jobs.search --config configs/jobs/search.yaml [--force] [--replay-stopped]
+    python -m jobs.search --config configs/jobs/search.yaml [--force] [--replay-stopped [all]]
 
 Each trial renders a recipe from a point of the space (per module group: bits, group size, sparsity;
 method, pattern, low-rank energy), compresses the model with it, reports perplexity as it is measured
@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a YAML file (see configs/jobs/search.yaml)")
     parser.add_argument("--force", action="store_true", help="start afresh, deleting a run of the same name")
-    parser.add_argument("--replay-stopped", action="store_true",
-                        help="run the trials the search's newest results stopped early to the end, and compare")
+    parser.add_argument("--replay-stopped", nargs="?", const="decisive", choices=["decisive", "all"],
+                        help="run to the end the trials the search's newest results stopped early that could "
+                             "change its choice (all: every one), and compare")
     args = parser.parse_args(argv)
     config = load_config(SearchConfig, args.config)
     if args.force:
         config.force = True
-    return replay_stopped(config) if args.replay_stopped else run_search(config)
+    return replay_stopped(config, args.replay_stopped) if args.replay_stopped else run_search(config)
 
 
 if __name__ == "__main__":

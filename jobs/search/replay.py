@@ -1,11 +1,16 @@
 """Early stopping checked: every trial a search stopped early, run again to the end.
 
-    python -m jobs.search --config configs/jobs/search_smollm2.yaml --replay-stopped
+    python -m jobs.search --config configs/jobs/search_smollm2.yaml --replay-stopped [all]
 
-Reads the search's newest results, runs each stopped trial's point with nothing stopping it (Tune run
+Reads the search's newest results, runs stopped trials' points with nothing stopping them (Tune run
 `search-<name>-replay`, resumable like the search), and reports how many evaluation tokens the search
 read against how many the same trials read when run to the end, which replayed trials end within
 budget, and whether the recipe chosen from the full results is the one the search chose.
+
+By default only the stopped trials that could change the choice are replayed: the choice takes the
+least `choose.minimize` first, so a stopped trial whose value of it is known (bytes are measured
+before perplexity) and above the chosen recipe's cannot displace it. The others count the tokens
+every trial run to the end reads (the same evaluation windows for all). `all` replays every one.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ from jobs.bench.report import markdown_table
 from jobs.search.config import EarlyStopConfig, SearcherConfig, SearchConfig, SeedsConfig
 from jobs.search.prepare import prepare
 from jobs.search.confirm import choose_confirmed
+from jobs.search.front import cost
 from jobs.search.run import run_trials
 from jobs.search.trial import run_name, run_trial
 
+KNOWN_WHEN_STOPPED = {"linear_bytes"}  # measured on the compressed model, before any perplexity window
 SHOWN = ["recipe_name", "ppl", "ppl_ratio", "windows_done", "tokens_evaluated", "linear_bytes", "decode_b1"]
 
 
@@ -38,7 +45,16 @@ def replay_config(config: SearchConfig, trials: int) -> SearchConfig:
         "searcher": SearcherConfig(kind="random", seed=config.searcher.seed), "choose": choose})
 
 
-def replay_stopped(config: SearchConfig) -> int:
+def could_change_choice(stopped: list[dict], chosen: dict | None, minimize: str) -> list[dict]:
+    """The stopped rows that, run to the end, could be chosen: every one when nothing was chosen or
+    the choice's objective is only known at the end, else those whose value is unknown or no worse
+    than the chosen row's."""
+    if chosen is None or minimize not in KNOWN_WHEN_STOPPED:
+        return stopped
+    return [r for r in stopped if r.get(minimize) is None or cost(r, minimize) <= cost(chosen, minimize)]
+
+
+def replay_stopped(config: SearchConfig, which: str = "decisive") -> int:
     store = Store(config.store)
     original = store.newest_result("search", config.name)
     if original is None:
@@ -46,23 +62,27 @@ def replay_stopped(config: SearchConfig) -> int:
     rows = pq.read_table(original.file_path("results.parquet"), filesystem=original.fs).to_pylist()
     summary = json.loads(original.read_text("summary.json"))
     stopped = [r for r in rows if r["status"] == "stopped"]
-    if not stopped:
-        print(f"search {config.name} stopped no trial early: nothing to replay")
-        return 0
-    replay = replay_config(config, len(stopped))
+    chosen = next((r for r in rows if r["recipe_name"] == summary["chosen"]), None)
+    decisive = stopped if which == "all" else could_change_choice(stopped, chosen, config.choose.minimize)
+    if not decisive:
+        print(f"search {config.name}: no stopped trial could change its choice ({len(stopped)} stopped); "
+              "nothing to replay (`--replay-stopped all` replays them all)")
+    else:
+        print(f"replaying {len(decisive)} of the {len(stopped)} trials search {config.name} stopped early "
+              f"({original.uri})", flush=True)
+    replay = replay_config(config, len(decisive))
     prepared = prepare(replay, store)
-    prepared.seed_points = [json.loads(r["params_json"]) for r in stopped]
-    print(f"replaying the {len(stopped)} trials search {config.name} stopped early ({original.uri})", flush=True)
-    trials = run_trials(replay, prepared, store, run_trial, f"{run_name(config)}-replay")
-    report = compare(rows, trials.rows, summary)
+    prepared.seed_points = [json.loads(r["params_json"]) for r in decisive]
+    trials = run_trials(replay, prepared, store, run_trial, f"{run_name(config)}-replay") if decisive else None
+    report = compare(rows, trials.rows if trials else [], summary)
     if report["within_budget_at_end"]:  # the choice is made again, as the search made it, over all trials
         full = annotated([r for r in rows if r["status"] != "stopped"] + trials.rows, summary["limit"])
         chosen, _ = choose_confirmed(config, full, summary["baseline"], summary["limit"], store)
         report["full"] = chosen["recipe_name"] if chosen else None
     report["same_choice"] = report["full"] == report["search"]
-    text = markdown(config, report, trials.rows)
+    text = markdown(config, report, trials.rows if trials else [])
     print(text)
-    print(f"results: {store_replay(config, trials.rows, report, text, store)}")
+    print(f"results: {store_replay(config, trials.rows if trials else [], report, text, store)}")
     return 0
 
 
@@ -71,14 +91,18 @@ def annotated(rows: list[dict], limit: float) -> list[dict]:
 
 
 def compare(rows: list[dict], replayed: list[dict], summary: dict) -> dict:
-    """Tokens with and without early stopping. When every replayed trial ends over budget, the trials
-    within budget, and so the choice, are the search's own: `full` is then the search's choice."""
+    """Tokens with and without early stopping: a stopped trial not replayed counts what a trial run to
+    the end reads. When every replayed trial ends over budget, the trials within budget, and so the
+    choice, are the search's own: `full` is then the search's choice."""
     ran = [r for r in rows if r["status"] == "complete" and not r.get("cached")]
-    to_end = sum(r["tokens_evaluated"] or 0 for r in ran + replayed)
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    full_tokens = summary["baseline"]["tokens_evaluated"]  # the float model's reference: every window
+    to_end = sum(r["tokens_evaluated"] or 0 for r in ran + replayed) + full_tokens * (len(stopped) - len(replayed))
     return {"search": summary["chosen"], "full": summary["chosen"],
             "tokens_search": summary["tokens_evaluated"], "tokens_to_end": to_end,
             "saving": to_end / summary["tokens_evaluated"] if summary["tokens_evaluated"] else 1.0,
-            "replayed": len(replayed), "errors": sum(r["status"] == "error" for r in replayed),
+            "stopped": len(stopped), "replayed": len(replayed),
+            "errors": sum(r["status"] == "error" for r in replayed),
             "within_budget_at_end": [r["recipe_name"] for r in replayed
                                      if r["status"] == "complete" and r["ppl"] <= summary["limit"]]}
 
@@ -90,7 +114,8 @@ def markdown(config: SearchConfig, report: dict, replayed: list[dict]) -> str:
         f"# Search {config.name}: stopped trials run to the end", "",
         f"Tokens evaluated: {report['tokens_search']} by the search, {report['tokens_to_end']} with the same trials "
         f"run to the end ({report['saving']:.2f}x fewer with early stopping).",
-        f"Replayed {report['replayed']} stopped trials ({report['errors']} errors); within budget at the end: {lost}.",
+        f"Replayed {report['replayed']} of {report['stopped']} stopped trials ({report['errors']} errors; the "
+        f"others cannot displace the choice); within budget at the end: {lost}.",
         f"Chosen by the search: {report['search']}; from the full results: {report['full']} "
         f"({'the same' if report['same_choice'] else 'DIFFERENT'}{why}).", "",
         markdown_table(sorted(replayed, key=lambda r: r["ppl_ratio"] or float("inf")), SHOWN)])
