@@ -64,26 +64,31 @@ def replay_stopped(config: SearchConfig, which: str = "decisive") -> int:
     stopped = [r for r in rows if r["status"] == "stopped"]
     chosen = next((r for r in rows if r["recipe_name"] == summary["chosen"]), None)
     decisive = stopped if which == "all" else could_change_choice(stopped, chosen, config.choose.minimize)
-    if not decisive:
-        print(f"search {config.name}: no stopped trial could change its choice ({len(stopped)} stopped); "
-              "nothing to replay (`--replay-stopped all` replays them all)")
-    else:
-        print(f"replaying {len(decisive)} of the {len(stopped)} trials search {config.name} stopped early "
-              f"({original.uri})", flush=True)
-    replay = replay_config(config, len(decisive))
-    prepared = prepare(replay, store)
-    prepared.seed_points = [json.loads(r["params_json"]) for r in decisive]
-    trials = run_trials(replay, prepared, store, run_trial, f"{run_name(config)}-replay") if decisive else None
-    report = compare(rows, trials.rows if trials else [], summary)
+    replayed = run_to_end(config, decisive, store, len(stopped), original.uri)
+    report = compare(rows, replayed, summary)
     if report["within_budget_at_end"]:  # the choice is made again, as the search made it, over all trials
-        full = annotated([r for r in rows if r["status"] != "stopped"] + trials.rows, summary["limit"])
+        full = annotated([r for r in rows if r["status"] != "stopped"] + replayed, summary["limit"])
         chosen, _ = choose_confirmed(config, full, summary["baseline"], summary["limit"], store)
         report["full"] = chosen["recipe_name"] if chosen else None
     report["same_choice"] = report["full"] == report["search"]
-    text = markdown(config, report, trials.rows if trials else [])
+    text = markdown(config, report, replayed)
     print(text)
-    print(f"results: {store_replay(config, trials.rows if trials else [], report, text, store)}")
+    print(f"results: {store_replay(config, replayed, report, text, store)}")
     return 0
+
+
+def run_to_end(config: SearchConfig, points: list[dict], store: Store, stopped: int, source: str) -> list[dict]:
+    """The rows of `points` (stopped trials' rows) run with nothing stopping them."""
+    if not points:
+        print(f"search {config.name}: none of its {stopped} stopped trials could change its choice; nothing to "
+              "replay (`--replay-stopped all` replays them all)")
+        return []
+    print(f"replaying {len(points)} of the {stopped} trials search {config.name} stopped early ({source})",
+          flush=True)
+    replay = replay_config(config, len(points))
+    prepared = prepare(replay, store)
+    prepared.seed_points = [json.loads(r["params_json"]) for r in points]
+    return run_trials(replay, prepared, store, run_trial, f"{run_name(config)}-replay").rows
 
 
 def annotated(rows: list[dict], limit: float) -> list[dict]:
