@@ -114,16 +114,20 @@ def compare(rows: list[dict], replayed: list[dict], summary: dict) -> dict:
 
 def markdown(config: SearchConfig, report: dict, replayed: list[dict]) -> str:
     lost = ", ".join(report["within_budget_at_end"]) or "none"
-    why = "" if report["within_budget_at_end"] else ": no stopped trial ends within budget; the same candidates"
+    skipped = report["stopped"] - report["replayed"]
+    why = ""
+    if not report["within_budget_at_end"]:
+        why = ": no replayed trial ends within budget" if replayed else ""
+        why += f"{'; ' if why else ': '}the {skipped} not replayed are larger than the choice" if skipped else ""
+    table = markdown_table(sorted(replayed, key=lambda r: r["ppl_ratio"] or float("inf")), SHOWN) if replayed else ""
     return "\n".join([
         f"# Search {config.name}: stopped trials run to the end", "",
         f"Tokens evaluated: {report['tokens_search']} by the search, {report['tokens_to_end']} with the same trials "
         f"run to the end ({report['saving']:.2f}x fewer with early stopping).",
-        f"Replayed {report['replayed']} of {report['stopped']} stopped trials ({report['errors']} errors; the "
-        f"others cannot displace the choice); within budget at the end: {lost}.",
+        f"Replayed {report['replayed']} of {report['stopped']} stopped trials ({report['errors']} errors); "
+        f"within budget at the end: {lost}.",
         f"Chosen by the search: {report['search']}; from the full results: {report['full']} "
-        f"({'the same' if report['same_choice'] else 'DIFFERENT'}{why}).", "",
-        markdown_table(sorted(replayed, key=lambda r: r["ppl_ratio"] or float("inf")), SHOWN)])
+        f"({'the same' if report['same_choice'] else 'DIFFERENT'}{why}).", "", table])
 
 
 def store_replay(config: SearchConfig, replayed: list[dict], report: dict, text: str, store: Store) -> str:
