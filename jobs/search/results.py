@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from cluster.store import Store
-from jobs.bench.report import markdown_table, png_figure
+from jobs.bench.report import markdown_table
 from jobs.search.config import SearchConfig
 from jobs.search.front import pareto_front
+from jobs.search.plot import plot
 from jobs.search.sensitivity import markdown_rows
 from jobs.search.trial import TrialContext
 
@@ -112,37 +113,6 @@ def reproduction(summary: dict) -> list[str]:
     same = sum(c["same_to_4_digits"] for c in checks)
     return [f"Reapplied as `python -m jobs.compress` would: {same} of {len(checks)} recipes give their trial's "
             f"perplexity to 4 significant digits."]
-
-
-def plot(rows: list[dict], baseline: dict, limit: float, path: Path, title: str) -> None:
-    """Perplexity against linear-layer MiB: finished trials coloured by decode tok/s at batch 1 (grey:
-    not measured), the front ringed and joined, stopped trials as small dots, seeds named."""
-    complete = [r for r in rows if r["status"] == "complete" and r["ppl"] is not None]
-    with png_figure(path, (8, 5.5)) as (fig, ax):
-        stopped = [r for r in rows if r["status"] == "stopped" and r["ppl"] is not None]
-        ax.scatter([r["linear_MiB"] for r in stopped], [r["ppl"] for r in stopped], s=8, c="lightgrey",
-                   label="stopped early (perplexity so far)")
-        speed = [r.get("decode_b1") for r in complete]
-        measured = [r for r, s in zip(complete, speed) if s]
-        ax.scatter([r["linear_MiB"] for r in complete if not r.get("decode_b1")],
-                   [r["ppl"] for r in complete if not r.get("decode_b1")], s=25, c="grey", label="finished")
-        if measured:
-            dots = ax.scatter([r["linear_MiB"] for r in measured], [r["ppl"] for r in measured], s=30,
-                              c=[r["decode_b1"] for r in measured], cmap="viridis")
-            fig.colorbar(dots, ax=ax, label="decode tok/s, batch 1")
-        front = sorted((r for r in complete if r["on_front"]), key=lambda r: r["linear_MiB"])
-        ax.step([r["linear_MiB"] for r in front], [r["ppl"] for r in front], where="post", c="black", lw=0.8)
-        ax.scatter([r["linear_MiB"] for r in front], [r["ppl"] for r in front], s=90, facecolors="none",
-                   edgecolors="black", label="front")
-        for r in rows:
-            if r["seed_name"] and r["ppl"] is not None:
-                ax.annotate(r["seed_name"], (r["linear_MiB"], r["ppl"]), fontsize=7)
-        ax.scatter([baseline["linear_bytes"] / 2**20], [baseline["ppl"]], marker="*", s=150, c="red", label="fp32")
-        ax.axhline(limit, ls="--", c="red", lw=0.8, label="budget")
-        ax.set_xlabel("linear layers, MiB")
-        ax.set_ylabel("perplexity")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
 
 
 def store_search_results(config: SearchConfig, rows: list[dict], front: list[int], baseline: dict, limit: float,
