@@ -90,6 +90,8 @@ def test_overrides_carry_bits_and_group_size_together(tiny_llama_dir):
              "head": {"bits": 8}}
     candidate = Candidate.of(point, found, groups)
     recipe = render_recipe(candidate, groups, None, "s")
+    # described as rendered: attention inputs are 64 wide, the MLP's down projection 128
+    assert recipe.description == "attn0 int4-g64; mlp0 int8-g64/128; attn1 float; mlp1 int4-g64/128; head int8"
     apply_recipe(model, recipe, None, progress=False)
     layers = dict(model.named_modules())
     for group in groups:

@@ -138,10 +138,14 @@ def steps_for(candidate: Candidate, groups: list[ModuleGroup]) -> list[dict]:
     return steps
 
 
-def describe(candidate: Candidate) -> str:
+def describe(candidate: Candidate, groups: list[ModuleGroup]) -> str:
+    """Each group's widths as rendered: a group size that does not divide a layer's inputs is shown as
+    the size that layer gets (`fitted_group_size`), e.g. int4-g64/128 for an MLP of 576 and 1536."""
+    inputs = {g.name: set(g.in_features.values()) for g in groups}
     parts = []
     for name, s in candidate.groups.items():
-        bits = f"int{s.bits}" + (f"-g{s.group_size}" if s.group_size else "") if s.bits else "float"
+        sizes = sorted({fitted_group_size(s.group_size, f) for f in inputs.get(name, ())} - {None})
+        bits = f"int{s.bits}" + (f"-g{'/'.join(map(str, sizes))}" if sizes else "") if s.bits else "float"
         extra = f" {candidate.pattern if candidate.pattern == '2:4' else f'{s.sparsity:g}'} pruned" \
             if candidate.pruned(name) else ""
         parts.append(f"{name} {bits}{' svd' if candidate.factored(name) else ''}{extra}")
@@ -160,7 +164,7 @@ def render_recipe(candidate: Candidate, groups: list[ModuleGroup], calibration: 
         draft = draft.model_copy(update={"calibration": None})
     digest = hashlib.sha256(json.dumps(draft.model_dump(mode="json", exclude={"name"}),
                                        sort_keys=True).encode()).hexdigest()[:8]
-    return draft.model_copy(update={"name": f"{prefix}-{digest}", "description": describe(candidate)})
+    return draft.model_copy(update={"name": f"{prefix}-{digest}", "description": describe(candidate, groups)})
 
 
 def point_from_recipe(recipe: Recipe, found: Choices, groups: list[ModuleGroup]) -> dict:
