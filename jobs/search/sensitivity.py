@@ -144,22 +144,28 @@ class ProbeContext:
 
 @ray.remote
 def measure_group(context: ProbeContext, probes: list[Probe]) -> list[dict]:
-    """One group's probes, each on a fresh copy of the model, against the model as it came."""
+    """One group's probes, each on a fresh copy of the model, against the model as it came. Probes that
+    render alike (a group size some layers cannot take is fitted to one they can) are measured once."""
     config = context.config
     torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
     model = load_causal_lm(Path(context.model_path))
     window, batch = config.eval.window, config.eval.batch_size
     baseline = perplexity(model, context.tokens, window, batch).ppl
     baseline_bytes = linear_bytes(model)
-    rows = []
+    rows, measured = [], {}
     for probe in probes:
         recipe = context.recipe(probe)
+        steps = json.dumps(recipe.model_dump(mode="json", include={"steps"}), sort_keys=True)
+        if steps in measured:
+            rows.append({**measured[steps], **asdict(probe)})
+            continue
         compressed = copy.deepcopy(model)
         stats = load_statistics(context.store_uri, context.stats_entry, compressed, recipe)
         apply_recipe(compressed, recipe, None, progress=False, stats=stats)
         ppl = perplexity(compressed, context.tokens, window, batch).ppl
-        rows.append({**asdict(probe), "ppl": ppl, "baseline_ppl": baseline, "log_ratio": math.log(ppl / baseline),
-                     "bytes_saved": baseline_bytes - linear_bytes(compressed)})
+        measured[steps] = {**asdict(probe), "ppl": ppl, "baseline_ppl": baseline,
+                           "log_ratio": math.log(ppl / baseline), "bytes_saved": baseline_bytes - linear_bytes(compressed)}
+        rows.append(measured[steps])
         del compressed
     return rows
 
