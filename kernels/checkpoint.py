@@ -8,12 +8,13 @@
 
 `write_checkpoint` stores the weights and compression.json; `read_weights` reads any Hugging Face
 folder's weights back, one at a time, for whichever model (transformers', the engine's) loads them:
-plain tensors as they are, compressed layers rebuilt exactly (the same tensors, bit for bit).
+plain tensors as they are, compressed layers rebuilt exactly (the same tensors, bit for bit). Given a
+`split` (a tensor-parallel rank's share of each module), it reads only that share from disk.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from kernels.compressed import CompressedLinear
 from kernels.low_rank import LowRankLinear
+from kernels.shard import ROW, shard_layer
 from kernels.quant_linear import (Int2WeightOnlyLinear, Int3WeightOnlyLinear, Int4WeightOnlyLinear,
                                   Int8WeightOnlyLinear)
 from kernels.sparse_linear import SemiStructuredLinear, SparseLinear
@@ -84,9 +86,15 @@ def _manifest_modules(path: Path) -> dict[str, dict]:
     return manifest["modules"]
 
 
-def read_weights(path: Path) -> Iterator[tuple[str, torch.Tensor | CompressedLinear]]:
+# A module's share under tensor parallelism: (dim, start, stop), dim 0 = output rows, 1 = inputs.
+Split = tuple[int, int, int]
+
+
+def read_weights(path: Path, split: Callable[[str], Split | None] = lambda module: None
+                 ) -> Iterator[tuple[str, torch.Tensor | CompressedLinear]]:
     """A Hugging Face folder's weights, read one at a time: each plain tensor under its name, each
-    compressed layer, rebuilt from its buffers, under its module's name."""
+    compressed layer, rebuilt from its buffers, under its module's name. `split(module)` names the
+    part of a module to read (None: all of it); a row-split (dim 1) module's bias is read whole."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path} has no .safetensors weights")
@@ -94,15 +102,37 @@ def read_weights(path: Path) -> Iterator[tuple[str, torch.Tensor | CompressedLin
     unread = set(modules)
     for file in files:
         with safe_open(file, "pt") as f:
-            buffers: dict[str, dict[str, torch.Tensor]] = {}  # compressed module -> its buffers
+            buffers: dict[str, list[str]] = {}  # compressed module -> its buffers' names
             for name in f.keys():
                 module, _, key = name.rpartition(".")
                 if module in modules:
-                    buffers.setdefault(module, {})[key] = f.get_tensor(name)
+                    buffers.setdefault(module, []).append(key)
                 else:
-                    yield name, f.get_tensor(name)
-        for module, tensors in buffers.items():
-            unread.discard(module)
-            yield module, layer_from_entry(modules[module], tensors)
+                    yield name, _read_tensor(f, name, split(module), key)
+            for module, keys in buffers.items():
+                unread.discard(module)
+                yield module, _read_layer(f, module, keys, modules[module], split(module))
     if unread:
         raise ValueError(f"{path}: no tensors for compressed modules {', '.join(sorted(unread)[:5])}")
+
+
+def _read_tensor(f, name: str, part: Split | None, key: str) -> torch.Tensor:
+    if part is None or (part[0] == ROW and key == "bias"):
+        return f.get_tensor(name)
+    dim, start, stop = part
+    return f.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
+
+
+def _read_layer(f, module: str, keys: list[str], entry: dict, part: Split | None) -> CompressedLinear:
+    if part is None:
+        return layer_from_entry(entry, {key: f.get_tensor(f"{module}.{key}") for key in keys})
+    shapes = {key: tuple(f.get_slice(f"{module}.{key}").get_shape()) for key in keys}
+
+    def read(key: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+        name = f"{module}.{key}"
+        return f.get_tensor(name) if index is None else f.get_slice(name)[index]
+
+    layer, bias = shard_layer(entry["format"], read, shapes, entry["args"], *part, module=module)
+    if bias is not None:
+        layer._set_bias(bias)  # whole, as a plain row-split layer's: the model keeps it on one rank
+    return layer

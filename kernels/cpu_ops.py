@@ -27,7 +27,7 @@ from pathlib import Path
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
     "bindings.cpp", "paged_attention_cpu.cpp", "norm_rotary_cpu.cpp", "weight_only_linear_cpu.cpp",
-    "float32_gemm_cpu.cpp", "sampling_cpu.cpp")]
+    "float32_gemm_cpu.cpp", "sampling_cpu.cpp", "shm_all_reduce_cpu.cpp")]
 
 
 def _build_name() -> str:

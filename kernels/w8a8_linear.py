@@ -8,8 +8,15 @@ with one calibrated per-tensor `input_scale` ("static"). Then
 
 The reference does the integer sum in float64 (exact: |products| * inputs < 2^53); the fast path
 is torch._int_mm (int8 GEMM with int32 accumulation), the same numbers.
+
+A tensor-parallel shard that keeps only some input columns (kernels/shard.py) sees only part of each
+token's row, so its dynamic max|x_row| is not the whole row's: `amax_reduce`, when set, combines the
+shards' maxima (an all-reduce with MAX across ranks) before the scale is taken, so that every shard
+quantizes with the unsharded layer's scale and the shards' outputs sum to the unsharded output.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,11 +27,18 @@ from kernels.quant import QuantSpec, quantize
 ACT_MAX = 127  # symmetric codes: -127..127, so dynamic scales map max|x| exactly
 
 
-def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes [rows, in], float32 scales [rows, 1]) of a 2-D activation."""
+def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None,
+                         amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [rows, in], float32 scales [rows, 1]) of a 2-D activation; `amax_reduce` maps the
+    dynamic per-row max|x| [rows, 1] (a fresh tensor: it may reduce in place) to the one to scale by
+    (the max over a row's shards)."""
     x = x.float()
     if input_scale is None:
-        scale = (x.abs().amax(-1, keepdim=True) / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        amax = x.abs().amax(-1, keepdim=True)
+        if amax_reduce is not None:
+            amax = amax_reduce(amax)
+        scale = (amax / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     else:
         scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     codes = torch.round(x / scale).clamp_(-ACT_MAX, ACT_MAX).to(torch.int8)
@@ -52,6 +66,9 @@ class W8A8Linear(CompressedLinear):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self._set_bias(bias)
+        # Set by a tensor-parallel engine on input-column shards (see the module docstring); a plain
+        # attribute, so neither state_dict nor format_args carries it.
+        self.amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None) -> W8A8Linear:
@@ -68,14 +85,14 @@ class W8A8Linear(CompressedLinear):
         return out.to(dtype).view(*shape[:-1], self.out_features)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        codes, x_scale = quantize_activations(x.reshape(-1, self.in_features), self.input_scale)
+        codes, x_scale = quantize_activations(x.reshape(-1, self.in_features), self.input_scale, self.amax_reduce)
         acc = codes.double() @ self.codes.double().T
         return self._finish(acc, x_scale, x.shape, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _int_mm_works(x):
             return self.reference(x)
-        codes, x_scale = quantize_activations(x.reshape(-1, self.in_features), self.input_scale)
+        codes, x_scale = quantize_activations(x.reshape(-1, self.in_features), self.input_scale, self.amax_reduce)
         return self._finish(torch._int_mm(codes, self.codes.T), x_scale, x.shape, x.dtype)
 
     def extra_repr(self) -> str:

@@ -17,6 +17,8 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 torch::Tensor pack_float32_panels(torch::Tensor weight);
 torch::Tensor float32_panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out,
                                    c10::optional<torch::Tensor> bias);
+int64_t shm_all_reduce_(torch::Tensor segment, torch::Tensor tensor, int64_t rank, double timeout_s);
+int64_t shm_abort(torch::Tensor segment, int64_t reason, int64_t rank);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "attention over a paged KV cache for a ragged batch of query rows (float32, CPU)");
@@ -32,4 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_float32_panels", &pack_float32_panels, "weight [out, in] -> panels [ceil(out / 16), in, 16]");
   m.def("float32_panel_linear", &float32_panel_linear, "x @ weight^T (+ bias) from its panels (float32, CPU)",
         py::arg("x"), py::arg("panels"), py::arg("out"), py::arg("bias") = py::none());
+  // The GIL is released while a rank waits for its peers, so another thread can abort the wait.
+  m.def("shm_all_reduce_", &shm_all_reduce_, "sum a tensor over the ranks sharing a segment, in place; 0 or the abort word",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("shm_abort", &shm_abort, "end a shared-memory all-reduce for every rank; returns the abort word in force");
 }

@@ -18,6 +18,15 @@ class EngineConfig(StrictConfig):
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
     prepack_weights: bool = Field(True, description="CPU: linear weights also kept packed for our GEMM (float32) "
                                                     "or oneDNN's; faster decode and prefill, twice the weight memory")
+    tensor_parallel_size: int = Field(1, ge=1, description="ranks one model is split over: rank 0 in the engine's "
+                                                           "process, the others Ray actors")
+    placement_strategy: str = Field("STRICT_PACK", pattern="^(STRICT_PACK|PACK|SPREAD|STRICT_SPREAD)$",
+                                    description="of the replica's placement group: STRICT_PACK keeps the ranks on one "
+                                                "node; PACK or SPREAD may span nodes")
+    num_cpus_per_worker: float = Field(1, gt=0, description="CPUs (and torch threads) of each tensor-parallel worker")
+    tp_all_reduce: str = Field("auto", pattern="^(auto|shm|gloo)$",
+                               description="auto: shared memory when every rank is on one node, else gloo")
+    tp_timeout_s: float = Field(60, gt=0, description="a collective or a worker's start waits this long at most")
 
 
 def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from cluster.store import fetch
 from serve_apps.engine.config import EngineConfig, encode_prompt
@@ -20,6 +20,7 @@ from serve_apps.engine.request import Request, Status
 from serve_apps.engine.sampler import SampledToken, Sampler
 from serve_apps.engine.sampling_params import SamplingParams
 from serve_apps.engine.scheduler import Scheduler
+from serve_apps.engine.models.tp_layout import rank_shards
 
 
 @dataclass
@@ -46,20 +47,25 @@ class RoutingStats:
 
 
 class LLMEngine:
-    def __init__(self, model: str | Path, config: EngineConfig | None = None, metrics_sink=None):
-        """`model`: a stored model's name, a folder or a URI (see cluster.store)."""
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, metrics_sink=None,
+                 tp_workers: str = "ray"):
+        """`model`: a stored model's name, a folder or a URI (see cluster.store). With
+        tensor_parallel_size > 1, ranks 1.. are Ray actors (`tp_workers="threads"`: threads of this
+        process, for tests and benchmarks on one machine)."""
         self.config = config or EngineConfig()
-        model_path = fetch(str(model), "models")
-        dtype = getattr(torch, self.config.dtype)
-        self.model = load_model(Path(model_path), dtype, self.config.prepack_weights)
+        model_path = Path(fetch(str(model), "models"))
+        self.model_config = model_config = AutoConfig.from_pretrained(model_path)
+        shards = rank_shards(model_config, self.config.tensor_parallel_size)  # a size that cannot split fails here
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model_config = self.model.config
         self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
-        num_blocks = self.config.num_blocks or int(
-            self.config.kv_cache_memory_gib * 2**30 // kv_block_bytes(model_config, self.config.block_size, dtype))
+        # every rank caches as many blocks; rank 0 holds the most KV heads (shards are larger first)
+        block_bytes = kv_block_bytes(model_config, self.config.block_size, getattr(torch, self.config.dtype),
+                                     shards[0].kv_heads.size)
+        num_blocks = self.config.num_blocks or int(self.config.kv_cache_memory_gib * 2**30 // block_bytes)
+        self.runner = self._runner(model_path, shards, num_blocks, tp_workers)
+        self.model = self.runner.model  # rank 0's share under tensor parallelism
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
         self.sampler = Sampler()
         self.metrics = EngineMetrics(metrics_sink)
         self.eos_token_ids = {model_config.eos_token_id} if isinstance(model_config.eos_token_id, int) \
@@ -67,6 +73,18 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+
+    def _runner(self, model_path: Path, shards, num_blocks: int, tp_workers: str):
+        if len(shards) > 1:
+            from serve_apps.engine.tp_executor import TPExecutor
+            return TPExecutor(model_path, self.config, shards, num_blocks, tp_workers)
+        model = load_model(model_path, getattr(torch, self.config.dtype), self.config.prepack_weights)
+        return ModelRunner(model, num_blocks, self.config.block_size)
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (nothing to do for one rank)."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
 
     # -- requests ---------------------------------------------------------------------------
     def new_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -100,7 +118,7 @@ class LLMEngine:
         if len(token_ids) + 1 > self.kv_cache.capacity_tokens:
             raise ValueError(f"prompt: {len(token_ids)} tokens do not fit the KV cache "
                              f"({self.kv_cache.capacity_tokens} tokens)")
-        vocab_size = self.model.config.vocab_size
+        vocab_size = self.model_config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab_size:
             bad = next(t for t in token_ids if not 0 <= t < vocab_size)
             raise ValueError(f"prompt: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})")

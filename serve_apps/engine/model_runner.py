@@ -1,4 +1,9 @@
-"""Owns a loaded model's KV cache tensors and runs one forward per step."""
+"""Owns a loaded model's KV cache tensors and runs one forward per step.
+
+The same runner serves every tensor-parallel rank: `forward` takes anything with Scheduled's face
+(rank 0's Scheduled, a worker's StepItem) and computes every logit row of the step in one call, so
+the ranks' collectives pair up; only rank 0 gets the logits and turns them into StepLogits.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,20 +39,19 @@ class ModelRunner:
         config = model.config
         head_dim = attention_head_dim(config)
         dtype = next(model.parameters()).dtype
-        k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, config.num_key_value_heads, head_dim)
+        k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, model.num_kv_heads, head_dim)
         self.kv_caches = [(zeros_on_huge_pages(k_shape, dtype), zeros_on_huge_pages(v_shape, dtype))
                           for _ in range(config.num_hidden_layers)]
         if next(model.parameters()).device.type == "cpu":
             native_ops()  # build or load the C++ kernels now, while the replica starts, not in its first request
 
-    def _prepare(self, out: SchedulerOutput):
+    def _prepare(self, items):
         """Flat inputs for the step, computed with whole-array operations: no Python per token."""
-        items = out.scheduled
         query_lens = [item.num_new_tokens for item in items]
         context_lens = [item.start + item.num_new_tokens for item in items]
         input_ids: list[int] = []
         for item in items:
-            input_ids += item.request.token_ids[item.start : item.start + item.num_new_tokens]
+            input_ids += item.new_token_ids
         tables = [item.block_ids for item in items]
         block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int64)
         for row, table in enumerate(tables):
@@ -63,28 +67,38 @@ class ModelRunner:
         return torch.tensor(input_ids, dtype=torch.long), torch.from_numpy(positions), batch
 
     @torch.inference_mode()
+    def forward(self, items) -> torch.Tensor | None:
+        """The step's logit rows: at the last token of each item that samples, then at each item's
+        prompt-logprob positions (None on tensor-parallel ranks other than 0)."""
+        input_ids, positions, batch = self._prepare(items)
+        hidden = self.model(input_ids, positions, batch, self.kv_caches)
+        first = np.cumsum(batch.query_lens) - batch.query_lens  # each item's first row in the batch
+        rows = [first[i] + item.num_new_tokens - 1 for i, item in enumerate(items) if item.completes_sequence]
+        for i, item in enumerate(items):
+            rows += range(first[i], first[i] + item.num_prompt_logprob_rows)
+        return self.model.compute_logits(hidden[torch.as_tensor(rows, dtype=torch.long)])
+
     def execute(self, out: SchedulerOutput) -> StepLogits:
         """Logits at the last token of each request that samples this step, and the prompt
         logprobs of requests that asked for them."""
-        input_ids, positions, batch = self._prepare(out)
-        hidden = self.model(input_ids, positions, batch, self.kv_caches)
-        ends = torch.tensor(batch.query_lens).cumsum(0)
-        samples = torch.tensor([item.completes_sequence for item in out.scheduled])
-        sample_logits = self.model.compute_logits(hidden[(ends - 1)[samples]])
-        prompt = {}
-        for item, end in zip(out.scheduled, ends.tolist()):
+        logits = self.forward(out.scheduled)
+        num_samples = sum(item.completes_sequence for item in out.scheduled)
+        prompt, row = {}, num_samples
+        for item in out.scheduled:
             if item.request.params.prompt_logprobs is not None and item.start < item.request.num_prompt_tokens:
-                logprobs = self._prompt_logprobs(item, hidden[end - item.num_new_tokens : end])
-                prompt[item.request.request_id] = (item.start, logprobs)
-        return StepLogits(sample_logits, prompt)
+                rows = logits[row : row + item.num_prompt_logprob_rows]
+                prompt[item.request.request_id] = (item.start, self._prompt_logprobs(item, rows))
+                row += item.num_prompt_logprob_rows
+        return StepLogits(logits[:num_samples], prompt)
 
-    def _prompt_logprobs(self, item, hidden: torch.Tensor) -> list[PromptLogprob]:
+    @torch.inference_mode()
+    def _prompt_logprobs(self, item, logits: torch.Tensor) -> list[PromptLogprob]:
         """For each prompt token this step computed, the logprob of the prompt token after it."""
         request = item.request
-        stop = min(item.start + item.num_new_tokens, request.num_prompt_tokens - 1)
+        stop = item.start + item.num_prompt_logprob_rows
         if stop <= item.start:
             return []
-        logprobs = self.model.compute_logits(hidden[: stop - item.start]).float().log_softmax(-1)
+        logprobs = logits.float().log_softmax(-1)
         targets = torch.tensor(request.prompt_token_ids[item.start + 1 : stop + 1])
         chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         top_n = request.params.prompt_logprobs

@@ -36,11 +36,25 @@ class Scheduled:
         start = request.num_computed_tokens
         return cls(request, num_new_tokens, start, start + num_new_tokens == len(request.token_ids), block_ids)
 
+    @property
+    def new_token_ids(self) -> list[int]:
+        return self.request.token_ids[self.start : self.start + self.num_new_tokens]
+
+    @property
+    def num_prompt_logprob_rows(self) -> int:
+        """Positions this step computes whose next prompt token's logprob was asked for."""
+        request = self.request
+        if request.params.prompt_logprobs is None:
+            return 0
+        return max(0, min(self.start + self.num_new_tokens, request.num_prompt_tokens - 1) - self.start)
+
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[Scheduled] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # ended since the last step that ran: tensor-parallel workers forget them
+    finished_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +74,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -68,10 +83,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_ids=list(self._finished_ids))
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:  # no room was just made by preempting: don't refill it at once
             self._admit_waiting(out, budget)
+        if out.scheduled:  # an empty step runs nothing, so its news waits for the next
+            self._finished_ids.clear()
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -138,3 +155,4 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request.request_id)
         request.status = status
+        self._finished_ids.append(request.request_id)

@@ -20,14 +20,16 @@ from kernels.paged_attention import paged_attention, write_kv_cache
 from serve_apps.engine.models.llama import (MLP, AttentionBatch, LlamaForCausalLM, RMSNorm, Rotary, input_norm,
                                              rope_theta)
 from serve_apps.engine.models.weights import fused_linear
+from kernels.collectives import SingleGroup
+from serve_apps.engine.models.tp_layout import RankShard, single_rank
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, config, layer_type: str):
+    def __init__(self, config, layer_type: str, shard: RankShard, group):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = shard.q_heads.size, shard.kv_heads.size
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = fused_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
@@ -38,6 +40,7 @@ class Gemma3Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar**-0.5
         self.layer_type = layer_type
         self.window = config.sliding_window if layer_type == LOCAL else None
+        self.group = group
 
     def forward(self, x, angles, batch: AttentionBatch, kv_cache):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -47,18 +50,18 @@ class Gemma3Attention(nn.Module):
         write_kv_cache(k, v.view(-1, self.num_kv_heads, self.head_dim), *kv_cache, batch.slot_mapping)
         out = paged_attention(q, *kv_cache, batch.block_tables, batch.query_lens, batch.context_lens, self.scale,
                               batch.layout, self.window)
-        return self.o_proj(out.flatten(1))
+        return self.group.all_reduce_(self.o_proj(out.flatten(1)))
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config, layer_type: str):
+    def __init__(self, config, layer_type: str, shard: RankShard, group):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.self_attn = Gemma3Attention(config, layer_type)
+        self.self_attn = Gemma3Attention(config, layer_type, shard, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = MLP(config, gelu_tanh_and_mul)
+        self.mlp = MLP(config, shard, group, gelu_tanh_and_mul)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, x, residual, angles, batch, kv_cache):
@@ -71,7 +74,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
-    def __init__(self, config):
+    def __init__(self, config, shard: RankShard | None = None, group=None):
         nn.Module.__init__(self)
         if getattr(config, "attn_logit_softcapping", None):
             raise NotImplementedError("attention logit soft-capping is not supported")
@@ -80,16 +83,15 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         if config.hidden_activation != "gelu_pytorch_tanh":
             raise NotImplementedError(f"hidden_activation {config.hidden_activation!r} is not supported")
         self.config = config
+        self.shard, self.group = shard or single_rank(config), group or SingleGroup()
         self.layer_types = list(config.layer_types)
         self.rotary = nn.ModuleDict({kind: Rotary(config.head_dim, rope_theta(config, config.rope_parameters[kind]),
                                                   config.max_position_embeddings) for kind in set(self.layer_types)})
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, kind) for kind in self.layer_types)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, kind, self.shard, self.group)
+                                    for kind in self.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self._vocab_parallel_ends(config)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def forward(self, input_ids, positions, batch: AttentionBatch, kv_caches) -> torch.Tensor:
@@ -100,11 +102,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             x, residual = layer(x, residual, angles[kind], batch, kv_cache)
         return self.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head(hidden)
-        if self.softcap:
+        if self.softcap:  # elementwise: each rank caps its own vocabulary shard
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.group.gather_to_first(logits, self.vocab_widths)
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor + 1 if name.endswith("norm.weight") else tensor  # we hold (1 + weight)

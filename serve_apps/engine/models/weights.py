@@ -6,17 +6,41 @@ tensor is copied into its slot as it arrives. A compressed layer for a slot wait
 checkpoint is read; then the fused module is rebuilt from its parts (kernels.compressed.fuse_rows):
 one compressed layer where the format can concatenate rows (int8/int4 weight-only with one group
 size), the parts side by side otherwise (StackedLinear).
+
+Under tensor parallelism a rank reads only its share of each projection (PARALLEL_PROJECTIONS says
+how each splits); the fused slots are then that rank's sizes.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from kernels.checkpoint import Split
 from kernels.compressed import fuse_rows
+from kernels.shard import COLUMN, ROW
 
 # Hugging Face's projection -> (our fused module beside it, slot)
 FUSED_PROJECTIONS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+# Hugging Face's module -> how tensor parallelism splits it: (dim, what the rank's span counts)
+PARALLEL_PROJECTIONS = {"q_proj": (COLUMN, "q"), "k_proj": (COLUMN, "kv"), "v_proj": (COLUMN, "kv"),
+                        "gate_proj": (COLUMN, "mlp"), "up_proj": (COLUMN, "mlp"),
+                        "o_proj": (ROW, "q"), "down_proj": (ROW, "mlp"),
+                        "embed_tokens": (COLUMN, "vocab"), "lm_head": (COLUMN, "vocab")}
+
+
+def tensor_parallel_split(module: str, shard, head_dim: int) -> Split | None:
+    """The part of a Hugging Face module a rank holds ('model.layers.0.self_attn.o_proj' at tp=2, rank 1
+    of SmolLM2: (1, 384, 576), its inputs 384..576); None where every rank holds all of it."""
+    projection = module.rpartition(".")[2]
+    if shard.size == 1 or projection not in PARALLEL_PROJECTIONS:
+        return None
+    dim, unit = PARALLEL_PROJECTIONS[projection]
+    span = {"q": shard.q_heads.scaled(head_dim), "kv": shard.kv_heads.scaled(head_dim), "mlp": shard.mlp,
+            "vocab": shard.vocab}[unit]
+    return dim, span.start, span.stop
 
 
 def fused_linear(in_features: int, slot_sizes: list[int], bias: bool) -> nn.Linear:
