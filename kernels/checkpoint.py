@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from kernels.compressed import CompressedLinear
 from kernels.low_rank import LowRankLinear
-from kernels.shard import ROW, shard_layer
+from kernels.shard import ROW, check_shardable, shard_layer
 from kernels.quant_linear import (Int2WeightOnlyLinear, Int3WeightOnlyLinear, Int4WeightOnlyLinear,
                                   Int8WeightOnlyLinear)
 from kernels.sparse_linear import SemiStructuredLinear, SparseLinear
@@ -114,6 +114,23 @@ def read_weights(path: Path, split: Callable[[str], Split | None] = lambda modul
                 yield module, _read_layer(f, module, keys, modules[module], split(module))
     if unread:
         raise ValueError(f"{path}: no tensors for compressed modules {', '.join(sorted(unread)[:5])}")
+
+
+def check_splits(path: Path, splits: Callable[[str], list[Split]]) -> None:
+    """ShardError if a compressed module cannot be split as `splits(module)` asks (every rank's
+    share): from the files' headers and compression.json, before anything is loaded."""
+    modules = _manifest_modules(path)
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+            for name in f.keys():
+                module, _, key = name.rpartition(".")
+                if module in modules:
+                    shapes.setdefault(module, {})[key] = tuple(f.get_slice(name).get_shape())
+        for module, module_shapes in shapes.items():
+            entry = modules[module]
+            for part in splits(module):
+                check_shardable(entry["format"], module_shapes, entry["args"], *part, module=module)
 
 
 def _read_tensor(f, name: str, part: Split | None, key: str) -> torch.Tensor:

@@ -1,4 +1,6 @@
 """The engine on the real SmolLM2: greedy tokens and logprobs equal transformers'."""
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -8,6 +10,7 @@ from kernels.cpu_linear import FEW_ROWS_PATHS, PrepackedLinear
 from serve_apps.engine.config import EngineConfig
 from serve_apps.engine.llm_engine import LLMEngine
 from serve_apps.engine.sampling_params import SamplingParams
+from serve_apps.engine.tp_worker import weight_bytes
 
 MAX_TOKENS = 8
 LENGTHS = [5, 7, 12, 20, 33, 50, 64, 80, 100, 128, 150, 200, 256, 300, 400, 512, 700, 900, 1200, 1500]
@@ -91,3 +94,30 @@ def test_stop_strings_and_streamed_text(smollm2_dir):
             last = out
     assert last.finished and last.finish_reason == "stop"
     assert "".join(pieces) == last.text == full.text[: full.text.index(stop_at)]
+
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_gives_transformers_tokens_with_half_the_weights_each(smollm2_dir, prompt_ids, expected):
+    """SmolLM2 over two ranks, the second a Ray actor (6 and 3 query heads, 2 and 1 KV heads): the same
+    tokens and logprobs; each rank holds about half the weights, and its load never held the whole model
+    (anonymous memory added while loading, sampled in each rank's process)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    config = EngineConfig(num_blocks=400, block_size=16, max_num_batched_tokens=256, tensor_parallel_size=2,
+                          tp_all_reduce="gloo", prepack_weights=False)
+    engine = LLMEngine(smollm2_dir, config)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
+        for output, (tokens, logprobs) in zip(engine.generate(prompt_ids, params), expected):
+            assert output.token_ids == tokens
+            np.testing.assert_allclose([s.logprob for s in output.logprobs], logprobs, atol=1e-3)
+        whole = weight_bytes(LLMEngine(smollm2_dir, EngineConfig(num_blocks=8, prepack_weights=False)).model)
+        for info in engine.runner.rank_infos():
+            assert abs(info.weight_bytes / (whole / 2) - 1) < 0.10, (info, whole)
+            assert info.load_peak_bytes < 0.75 * whole, (info, whole)
+    finally:
+        engine.shutdown()
+        ray.shutdown()

@@ -15,7 +15,7 @@ from serve_apps.engine.detokenizer import IncrementalDetokenizer
 from serve_apps.engine.kv_cache_manager import KVCacheManager
 from serve_apps.engine.metrics import EngineMetrics, StepStats
 from serve_apps.engine.model_runner import ModelRunner, PromptLogprob
-from serve_apps.engine.models.loader import kv_block_bytes, load_model
+from serve_apps.engine.models.loader import check_tensor_parallel, kv_block_bytes, load_model
 from serve_apps.engine.request import Request, Status
 from serve_apps.engine.sampler import SampledToken, Sampler
 from serve_apps.engine.sampling_params import SamplingParams
@@ -77,6 +77,7 @@ class LLMEngine:
     def _runner(self, model_path: Path, shards, num_blocks: int, tp_workers: str):
         if len(shards) > 1:
             from serve_apps.engine.tp_executor import TPExecutor
+            check_tensor_parallel(model_path, self.model_config, shards)  # before any worker starts
             return TPExecutor(model_path, self.config, shards, num_blocks, tp_workers)
         model = load_model(model_path, getattr(torch, self.config.dtype), self.config.prepack_weights)
         return ModelRunner(model, num_blocks, self.config.block_size)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from kernels.checkpoint import read_weights
+from kernels.checkpoint import check_splits, read_weights
 from kernels.cpu_linear import prepack_linears
 from serve_apps.engine.models.gemma3 import Gemma3ForCausalLM
 from serve_apps.engine.models.llama import LlamaForCausalLM, attention_head_dim
@@ -35,6 +35,14 @@ def load_model(path: Path, dtype: torch.dtype, prepack: bool = False, shard: Ran
     if prepack:
         prepack_linears(model)
     return model
+
+
+def check_tensor_parallel(path: Path, config, shards: list[RankShard]) -> None:
+    """Every compressed layer splits where the ranks' shares begin (ShardError otherwise), checked
+    from the checkpoint's headers before any rank loads anything."""
+    head_dim = attention_head_dim(config)
+    check_splits(path, lambda module: [part for shard in shards
+                                       if (part := tensor_parallel_split(module, shard, head_dim)) is not None])
 
 
 def kv_block_bytes(config, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
