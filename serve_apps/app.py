@@ -15,6 +15,7 @@ from cluster.config import StrictConfig, parse_config
 from serve_apps.engine.config import EngineConfig
 from serve_apps.ingress import Ingress
 from serve_apps.llm_server import LLMServer
+from serve_apps.placement import placement_problem
 from serve_apps.routing.kv_aware_state import DEFAULT_MAX_IMBALANCE
 from serve_apps.routing.routers import ROUTERS
 
@@ -49,6 +50,8 @@ class ModelConfig(StrictConfig):
     max_imbalance: int = Field(DEFAULT_MAX_IMBALANCE, ge=0,
                                description="kv_aware: in-flight requests a cached prefix may cost")
     routing_stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their caches")
+    check_placement: bool = Field(True, description="refuse a tensor-parallel replica the cluster's nodes cannot "
+                                                    "hold now; off where an autoscaler adds nodes")
 
 
 class ServeAppConfig(StrictConfig):
@@ -72,8 +75,11 @@ def _deployment_options(model: ModelConfig) -> dict:
                # A full queue raises BackPressureError in the ingress's handle, with this status and
                # Retry-After, which the ingress answers in OpenAI's error JSON.
                "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
-               "ray_actor_options": {"num_cpus": model.num_cpus_per_replica},
-               "health_check_period_s": 10, "graceful_shutdown_timeout_s": 30}
+               "ray_actor_options": {"num_cpus": model.num_cpus_per_replica,
+                                     **({"num_gpus": model.engine.num_gpus_per_worker}
+                                        if model.engine.num_gpus_per_worker else {})},
+               "health_check_period_s": 10, "graceful_shutdown_timeout_s": 30,
+               **LLMServer.placement(model.engine, model.num_cpus_per_replica)}
     if ROUTERS[model.router] is not None:
         kwargs = {"block_size": model.engine.block_size, "max_imbalance": model.max_imbalance} \
             if model.router == "kv_aware" else {}
@@ -92,8 +98,26 @@ def _deployment_options(model: ModelConfig) -> dict:
     return options
 
 
+def _check_placement(model: ModelConfig) -> None:
+    """A replica no node set can hold would wait forever in Serve: say what is missing instead."""
+    import ray
+
+    placement = LLMServer.placement(model.engine, model.num_cpus_per_replica)
+    if not placement or not model.check_placement or not ray.is_initialized():
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    problem = placement_problem(placement["placement_group_bundles"], placement["placement_group_strategy"], nodes)
+    if problem is not None:
+        raise ValueError(f"model {model.model_id!r}: a replica of tensor_parallel_size "
+                         f"{model.engine.tensor_parallel_size} cannot be placed: {problem}. Lower "
+                         "tensor_parallel_size or num_cpus_per_worker, use placement_strategy PACK or SPREAD, "
+                         "add nodes, or set check_placement: false where an autoscaler adds them")
+
+
 def build_app(args: dict | ServeAppConfig) -> Application:
     config = args if isinstance(args, ServeAppConfig) else parse_config(ServeAppConfig, args, "serve app config")
+    for model in config.models:
+        _check_placement(model)
     servers = {m.model_id: serve.deployment(LLMServer).options(**_deployment_options(m))
                .bind(m.model_id, m.model, m.engine)
                for m in config.models}

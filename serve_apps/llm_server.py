@@ -65,6 +65,18 @@ class LLMServer:
     def _entry(self, token_id: int, logprob: float, top: dict[int, float] | None) -> TokenLogprob:
         return TokenLogprob(self._token(token_id), logprob, {self._token(t): lp for t, lp in (top or {}).items()})
 
+    @staticmethod
+    def placement(engine: EngineConfig, num_cpus_per_replica: float) -> dict:
+        """Serve options for where a replica runs: for a tensor-parallel engine, a placement group with
+        the replica (rank 0) in bundle 0 and one bundle per worker; empty for one rank."""
+        if engine.tensor_parallel_size == 1:
+            return {}
+        gpus = {"GPU": engine.num_gpus_per_worker} if engine.num_gpus_per_worker else {}
+        worker = {"CPU": engine.num_cpus_per_worker, **gpus}
+        return {"placement_group_bundles": [{"CPU": num_cpus_per_replica, **gpus}]
+                + [worker] * (engine.tensor_parallel_size - 1),
+                "placement_group_strategy": engine.placement_strategy}
+
     def check_health(self) -> None:
         """Serve calls this periodically; a dead engine loop marks the replica unhealthy."""
         self.engine.check_health()

@@ -9,7 +9,8 @@ from cluster.config import StrictConfig
 
 class EngineConfig(StrictConfig):
     block_size: int = Field(16, ge=1)
-    kv_cache_memory_gib: float = Field(1.0, gt=0)
+    kv_cache_memory_gib: float = Field(1.0, gt=0, description="per rank under tensor parallelism (the rank with "
+                                                             "the most KV heads sizes the pool)")
     num_blocks: int | None = Field(None, ge=1, description="overrides kv_cache_memory_gib")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=1)
@@ -24,6 +25,7 @@ class EngineConfig(StrictConfig):
                                     description="of the replica's placement group: STRICT_PACK keeps the ranks on one "
                                                 "node; PACK or SPREAD may span nodes")
     num_cpus_per_worker: float = Field(1, gt=0, description="CPUs (and torch threads) of each tensor-parallel worker")
+    num_gpus_per_worker: float = Field(0, ge=0, description="GPUs of each tensor-parallel rank (rank 0 too)")
     tp_all_reduce: str = Field("auto", pattern="^(auto|shm|gloo)$",
                                description="auto: shared memory when every rank is on one node, else gloo")
     tp_timeout_s: float = Field(60, gt=0, description="a collective or a worker's start waits this long at most")

@@ -146,7 +146,9 @@ class RayWorkers:
         self.first_bundle = 1  # a Serve replica sits in bundle 0
         if self.group is None:
             strategy = config.placement_strategy
-            self.group = placement_group([{"CPU": config.num_cpus_per_worker}] * (tp - 1), strategy=strategy)
+            gpus = {"GPU": config.num_gpus_per_worker} if config.num_gpus_per_worker else {}
+            self.group = placement_group([{"CPU": config.num_cpus_per_worker, **gpus}] * (tp - 1),
+                                         strategy=strategy)
             self.first_bundle = 0
             if not self.group.wait(config.tp_timeout_s):
                 ray.util.remove_placement_group(self.group)
@@ -160,8 +162,9 @@ class RayWorkers:
 
         strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self._next)
         self._next += 1
-        cpus = self.config.num_cpus_per_worker
-        actor = ray.remote(TPWorker).options(num_cpus=cpus, scheduling_strategy=strategy, max_restarts=0)
+        cpus, gpus = self.config.num_cpus_per_worker, self.config.num_gpus_per_worker
+        actor = ray.remote(TPWorker).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy,
+                                             max_restarts=0)
         return RayWorker(actor.remote(*args, threads=max(1, int(cpus))))
 
 
