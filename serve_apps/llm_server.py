@@ -81,6 +81,13 @@ class LLMServer:
         """Serve calls this periodically; a dead engine loop marks the replica unhealthy."""
         self.engine.check_health()
 
+    def tensor_parallel_ranks(self) -> list[dict]:
+        """Each rank's node, weight bytes and load peak (one entry for one rank)."""
+        runner = self.engine.engine.runner
+        if not hasattr(runner, "rank_infos"):
+            return []
+        return [dataclasses.asdict(info) for info in runner.rank_infos()]
+
     def record_routing_stats(self) -> dict:
         """Serve polls this for its request router: what the prefix cache holds, and the load."""
         return dataclasses.asdict(self.engine.engine.routing_stats())

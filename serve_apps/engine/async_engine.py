@@ -103,8 +103,9 @@ class AsyncLLMEngine:
             stream.put_nowait(self._dead)
 
     def check_health(self) -> None:
-        """Raise if the engine loop died."""
+        """Raise if the engine loop or one of its tensor-parallel workers died."""
         self._raise_if_dead()
+        self.engine.check_health()
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:

@@ -82,6 +82,11 @@ class LLMEngine:
         model = load_model(model_path, getattr(torch, self.config.dtype), self.config.prepack_weights)
         return ModelRunner(model, num_blocks, self.config.block_size)
 
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel worker died (one rank: nothing can have)."""
+        if hasattr(self.runner, "check_health"):
+            self.runner.check_health()
+
     def shutdown(self) -> None:
         """Stop tensor-parallel workers (nothing to do for one rank)."""
         if hasattr(self.runner, "shutdown"):

@@ -8,6 +8,7 @@ ranks in step, so a message is sent and not waited for; a worker's failure surfa
 """
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -19,7 +20,7 @@ from serve_apps.engine.model_runner import StepLogits
 from serve_apps.engine.scheduler import SchedulerOutput
 from serve_apps.engine.models.tp_layout import RankShard
 from serve_apps.engine.step_message import StepMessageBuilder
-from serve_apps.engine.tp_worker import RankInfo, Rendezvous, TPWorker, build_rank
+from serve_apps.engine.tp_worker import RankInfo, Rendezvous, TPWorker, node_id, build_rank, weight_bytes
 
 LOOPBACK = "127.0.0.1"
 
@@ -42,6 +43,7 @@ class TPExecutor:
                                                         self.workers)
         self.model = self.runner.model
         self.messages = StepMessageBuilder()
+        self.timeout_s = config.tp_timeout_s
 
     def execute(self, out: SchedulerOutput) -> StepLogits:
         message = self.messages.build(out)
@@ -56,12 +58,14 @@ class TPExecutor:
         return logits
 
     def rank_infos(self) -> list[RankInfo]:
-        from serve_apps.engine.tp_worker import _node_id, weight_bytes
-        rank0 = RankInfo(0, _node_id(), weight_bytes(self.model), self._load_peak)
+        rank0 = RankInfo(0, node_id(), os.getpid(), weight_bytes(self.model), self._load_peak)
         return [rank0, *(worker.info() for worker in self.workers)]
 
     def check_health(self) -> None:
+        """Raise if a worker died, even while no step runs (Serve calls this every few seconds)."""
         self._raise_worker_failure()
+        for worker in self.workers:
+            worker.ping(self.timeout_s)
 
     def _raise_worker_failure(self) -> None:
         for worker in self.workers:
@@ -130,6 +134,11 @@ class ThreadWorker:
     def info(self) -> RankInfo:
         return self._worker.info()
 
+    def ping(self, timeout_s: float) -> None:
+        self.raise_if_failed()
+        if not self._thread.is_alive():
+            raise WorkerFailed("tensor-parallel worker thread ended")
+
     def stop(self) -> None:
         self._inbox.put(None)
 
@@ -195,6 +204,13 @@ class RayWorker:
 
     def info(self) -> RankInfo:
         return self._ray.get(self.actor.info.remote())
+
+    def ping(self, timeout_s: float) -> None:
+        """The actor answers (after any step it is running): a dead one fails at once."""
+        try:
+            self._ray.get(self.actor.info.remote(), timeout=timeout_s)
+        except Exception as error:
+            raise WorkerFailed(f"tensor-parallel worker failed: {error}") from error
 
     def stop(self) -> None:
         self._ray.kill(self.actor)

@@ -34,6 +34,7 @@ class Rendezvous:
 class RankInfo:
     rank: int
     node_id: str
+    pid: int
     weight_bytes: int  # the model's persistent state on this rank (a tied tensor once)
     load_peak_bytes: int  # anonymous memory the load added at its peak (RssAnon, sampled)
 
@@ -67,7 +68,7 @@ class TPWorker:
         self.requests = WorkerRequests()
 
     def info(self) -> RankInfo:
-        return RankInfo(self.rank, _node_id(), weight_bytes(self.runner.model), self._load_peak)
+        return RankInfo(self.rank, node_id(), os.getpid(), weight_bytes(self.runner.model), self._load_peak)
 
     def execute(self, message: StepMessage) -> None:
         self.runner.forward(self.requests.apply(message))
@@ -76,10 +77,10 @@ class TPWorker:
         return self.runner.model.group.times
 
 
-def _node_id() -> str:
+def node_id() -> str:
     try:
         import ray
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        return ray.get_runtime_context().getnode_id() if ray.is_initialized() else "local"
     except Exception:  # outside a Ray worker
         return "local"
 
