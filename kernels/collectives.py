@@ -67,7 +67,7 @@ class GlooGroup:
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
-        if self._shm is not None and tensor.is_contiguous():
+        if self._shm is not None and _shm_can_sum(tensor):
             self._shm.all_reduce_(tensor)
         else:
             self._group.allreduce([tensor]).wait()
@@ -75,7 +75,7 @@ class GlooGroup:
         return tensor
 
     def all_reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        started = time.perf_counter()
+        started = time.perf_counter()  # W8A8's per-token scales: rare and small, gloo is fine
         options = dist.AllreduceOptions()
         options.reduceOp = dist.ReduceOp.MAX
         self._group.allreduce([tensor], options).wait()
@@ -85,6 +85,8 @@ class GlooGroup:
     def gather_to_first(self, tensor: torch.Tensor, widths: list[int]) -> torch.Tensor | None:
         """Every rank's [N, widths[rank]] side by side on rank 0 ([N, sum(widths)]); None elsewhere.
         Gloo gathers equal shapes, so shards are padded to the widest and trimmed after."""
+        if tensor.numel() == 0:  # a step with no logit rows (a prefill chunk): every rank knows it
+            return tensor.new_empty(tensor.shape[0], sum(widths)) if self.rank == 0 else None
         started = time.perf_counter()
         widest = max(widths)
         padded = torch.nn.functional.pad(tensor, (0, widest - tensor.shape[-1])).contiguous()
@@ -103,6 +105,14 @@ class GlooGroup:
             self._shm.abort()
         self._group.abort()
 
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+
     def _count(self, started: float) -> None:
         self.times.seconds += time.perf_counter() - started
         self.times.calls += 1
+
+
+def _shm_can_sum(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.bfloat16) and tensor.is_contiguous()

@@ -1,8 +1,9 @@
 """All-reduce (sum) through shared memory, between the ranks of one tensor-parallel replica on one
-machine: a few microseconds a call where gloo over loopback TCP takes a third of a millisecond.
+machine: a few microseconds a call for decode-sized tensors, where gloo over loopback TCP takes a
+third of a millisecond or more (`python -m kernels.shm_all_reduce` measures both).
 
-The segment. Rank 0 creates /dev/shm/<name> fully formed (an unnamed file, written, then linked in
-under its name), the others open it, retrying until timeout_s. Each rank maps it and records its pid;
+The segment. Rank 0 creates /dev/shm/<name> fully formed (an unnamed file, its memory reserved and
+its header written, then linked in under its name); the others open it, retrying until timeout_s. Each rank maps it and records its pid;
 the name is unlinked as soon as every rank has (by whichever rank sees that last, and by every rank
 after its first completed call), so a SIGKILLed replica leaves nothing behind: the memory goes with
 the last mapping. Layout (the C++ side, kernels/csrc/shm_all_reduce_cpu.cpp, reads the same):
@@ -25,14 +26,15 @@ it finished summing step s. So nobody still reads what is overwritten, and no ra
 one step ahead of the slowest. The call's (numel, dtype) travel with each step, so ranks that call
 with different tensors fail loudly instead of summing garbage.
 
-Waiting spins briefly with a pause instruction, then yields the core (ranks may outnumber cores),
-then naps 50 us at a time; all along it checks the abort word, its deadline (timeout_s since the wait
+Waiting spins briefly with a pause instruction, then yields the core (ranks may outnumber cores)
+until 1 ms has passed, then naps 50 us at a time; all along it checks the abort word, its deadline (timeout_s since the wait
 began) and, every 100 ms, whether a rank it waits for has died. Any of these sets the abort word if
 still unset, so every rank's current and later calls raise CollectiveAborted naming the first cause.
 abort() and close() set it too, from any thread (the wait runs without the GIL).
 
 Without the C++ kernels (build failed, RAYFOUNDRY_NATIVE_KERNELS=0) the same protocol runs in torch
-ops, tens of microseconds a call, on x86 only: it relies on x86 keeping plain stores in order.
+ops: some 0.15 ms a call (a few dozen small torch ops per step), still below gloo, and on x86 only,
+as it relies on x86 keeping plain stores, and loads, in program order.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import functools
 import mmap
 import os
 import platform
+import statistics
 import struct
 import threading
 import time
@@ -58,6 +61,7 @@ HEADER_FORMAT = "<QQQ"  # magic, world_size, slot_bytes
 ABORT_WORD_OFFSET = 64
 CONTROL_OFFSET = PAGE
 CONTROL_BYTES_PER_RANK = 128
+WORDS_PER_RANK = CONTROL_BYTES_PER_RANK // 8
 # int64 words of a rank's control block
 PUBLISHED_STEP, PID, PID_NAMESPACE, CALL_NUMEL, CALL_DTYPE = 0, 1, 2, 3, 5  # CALL_*: + step parity
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2}
@@ -106,19 +110,14 @@ def _pid_namespace() -> int:
 def _create_segment(path: Path, layout: _Layout) -> int:
     """A file holding the header, linked in under `path` only once written: an opener never sees a
     half-made segment. Refuses a name already in use."""
+    fd, temporary = _new_unnamed_file(path.parent)
     try:
-        fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, 0o600)
-        temporary = None
-    except (AttributeError, OSError):  # no O_TMPFILE here: a uniquely named file, renamed below
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
-        os.ftruncate(fd, layout.total_bytes)
+        _reserve(fd, layout.total_bytes)
         os.pwrite(fd, struct.pack(HEADER_FORMAT, MAGIC, layout.world_size, layout.slot_bytes), 0)
-        try:
-            os.link(temporary or f"/proc/self/fd/{fd}", path)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists already: the all-reduce name must be unique per replica") from None
+        _link(fd, temporary, path)
+    except FileExistsError:
+        os.close(fd)
+        raise FileExistsError(f"{path} exists already: the all-reduce's name must be unique per replica") from None
     except BaseException:
         os.close(fd)
         raise
@@ -126,6 +125,37 @@ def _create_segment(path: Path, layout: _Layout) -> int:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
     return fd
+
+
+def _reserve(fd: int, size: int) -> None:
+    """All of the segment's memory, now: a tmpfs too small for it (Docker's /dev/shm is 64 MB by
+    default) fails here, clearly, rather than killing a rank with SIGBUS on first touching a page."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot reserve {size / 2 ** 20:.1f} MiB in {SHM_DIR} (2 x world_size x max_bytes): "
+                      f"{error.strerror}; give the machine or container a larger /dev/shm, or lower max_bytes") from None
+
+
+def _new_unnamed_file(directory: Path) -> tuple[int, Path | None]:
+    """An open file without a name (O_TMPFILE: nothing to leak if this process dies now), or, where
+    the file system cannot, one with a unique temporary name."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
+    except (AttributeError, OSError):
+        temporary = directory / f".shm-all-reduce.{os.getpid()}.{threading.get_ident()}.tmp"
+        return os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600), temporary
+
+
+def _link(fd: int, temporary: Path | None, path: Path) -> None:
+    if temporary is not None:
+        os.link(temporary, path)
+        return
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # given a directory fd, os.link calls linkat(AT_SYMLINK_FOLLOW), which names an O_TMPFILE file
+        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory, follow_symlinks=True)
+    finally:
+        os.close(directory)
 
 
 def _open_segment(path: Path, layout: _Layout, rank: int, timeout_s: float) -> int:
@@ -152,14 +182,20 @@ def _open_segment(path: Path, layout: _Layout, rank: int, timeout_s: float) -> i
 
 
 def _check_reducible(tensor: torch.Tensor) -> None:
+    # the cheapest properties first: this runs on every call, in a latency measured in microseconds
+    if not (isinstance(tensor, torch.Tensor) and tensor.is_cpu and tensor.layout == torch.strided
+            and tensor.dtype in DTYPE_CODES and tensor.is_contiguous()):
+        raise ValueError(_why_not_reducible(tensor))
+
+
+def _why_not_reducible(tensor) -> str:
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"all_reduce_ takes a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
-        raise ValueError(f"all_reduce_ takes a dense CPU tensor, got {tensor.device} {tensor.layout}")
+        return f"all_reduce_ takes a torch.Tensor, got {type(tensor).__name__}"
+    if not tensor.is_cpu or tensor.layout != torch.strided:
+        return f"all_reduce_ takes a dense CPU tensor, got {tensor.device} {tensor.layout}"
     if tensor.dtype not in DTYPE_CODES:
-        raise ValueError(f"all_reduce_ takes float32 or bfloat16, got {tensor.dtype}")
-    if not tensor.is_contiguous():
-        raise ValueError("all_reduce_ reduces in place and needs a contiguous tensor")
+        return f"all_reduce_ takes float32 or bfloat16, got {tensor.dtype}"
+    return "all_reduce_ reduces in place and needs a contiguous tensor"
 
 
 def _encode_abort(reason: int, origin: int, subject: int) -> int:
@@ -204,7 +240,7 @@ class _TorchSteps:
         self._layout = layout
         self._abort_word = segment[ABORT_WORD_OFFSET:ABORT_WORD_OFFSET + 8].view(torch.int64)
         end = CONTROL_OFFSET + layout.world_size * CONTROL_BYTES_PER_RANK
-        self._control = segment[CONTROL_OFFSET:end].view(torch.int64).view(layout.world_size, -1)
+        self._control = segment[CONTROL_OFFSET:end].view(torch.int64).view(layout.world_size, WORDS_PER_RANK)
         self._data = segment[layout.data_offset:]
 
     def _slot(self, step: int, rank: int) -> torch.Tensor:
@@ -289,7 +325,8 @@ class ShmAllReduce:
         if ops is None:
             _warn_torch_fallback()
         self._steps = _NativeSteps(ops, segment) if ops is not None else _TorchSteps(segment, layout)
-        self._control = segment[CONTROL_OFFSET:layout.data_offset].view(torch.int64)[:world_size * 16].view(world_size, 16)
+        end = CONTROL_OFFSET + world_size * CONTROL_BYTES_PER_RANK
+        self._control = segment[CONTROL_OFFSET:end].view(torch.int64).view(world_size, WORDS_PER_RANK)
         self._attach()
 
     def _attach(self) -> None:
@@ -357,13 +394,17 @@ class ShmAllReduce:
 BENCH_SHAPES = {"2.3 KB": (1, 576), "73 KB": (32, 576), "1.2 MB": (512, 576)}
 
 
-def _time_per_call(reduce, tensor: torch.Tensor, calls: int) -> float:
+def _latencies(reduce, tensor: torch.Tensor, calls: int) -> tuple[float, float]:
+    """(median, mean) seconds per call: the median shows the collective itself, the mean also what
+    other load on the machine costs it."""
     for _ in range(min(calls, 50)):
         reduce(tensor)
-    start = time.perf_counter()
+    samples = []
     for _ in range(calls):
+        start = time.perf_counter()
         reduce(tensor)
-    return (time.perf_counter() - start) / calls
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), statistics.fmean(samples)
 
 
 def _benchmark_rank(rank: int, world_size: int, name: str, store_file: str, results) -> None:
@@ -375,17 +416,18 @@ def _benchmark_rank(rank: int, world_size: int, name: str, store_file: str, resu
     shm = ShmAllReduce(name, rank, world_size)
     row = {}
     for label, shape in BENCH_SHAPES.items():
-        calls = 200 if shape[0] > 32 else 2000
+        calls = 300 if shape[0] > 32 else 3000
         tensor = torch.randn(shape)
-        row[label] = (_time_per_call(shm.all_reduce_, tensor, calls), _time_per_call(dist.all_reduce, tensor, calls // 4))
+        row[label] = (_latencies(shm.all_reduce_, tensor, calls), _latencies(dist.all_reduce, tensor, calls // 3))
     shm.close()
     dist.destroy_process_group()
-    results.put((rank, row, shm.native))
+    results.put((rank, row))
 
 
-def benchmark(world_size: int = 2) -> dict[str, tuple[float, float]]:
-    """Per-call latency (seconds, rank 0's mean) of this all-reduce and of gloo over loopback TCP, for
-    float32 tensors of the sizes tensor-parallel decode sums; printed as a table."""
+def benchmark(world_size: int = 2) -> dict:
+    """Per-call latency of this all-reduce and of gloo over loopback TCP, on rank 0, for float32
+    tensors of the sizes tensor-parallel decode sums; printed as a table, returned as
+    {size: ((shm median, shm mean), (gloo median, gloo mean))} in seconds."""
     import multiprocessing
     import tempfile
     import uuid
@@ -398,13 +440,14 @@ def benchmark(world_size: int = 2) -> dict[str, tuple[float, float]]:
                  for r in range(world_size)]
         for process in ranks:
             process.start()
-        rows = dict(results.get(timeout=300)[:2] for _ in ranks)
+        rows = dict(results.get(timeout=300) for _ in ranks)
         for process in ranks:
             process.join()
-    print(f"all-reduce latency per call, {world_size} ranks, float32, 1 torch thread per rank")
-    print(f"{'size':>8} {'shared memory':>14} {'gloo (TCP lo)':>14} {'speed-up':>9}")
-    for label, (shm_s, gloo_s) in rows[0].items():
-        print(f"{label:>8} {shm_s * 1e6:>11.1f} us {gloo_s * 1e6:>11.1f} us {gloo_s / shm_s:>8.1f}x")
+    print(f"all-reduce latency per call, {world_size} ranks, float32, 1 torch thread per rank: median (mean)")
+    print(f"{'size':>8} {'shared memory':>22} {'gloo (TCP lo)':>22} {'speed-up':>9}")
+    for label, ((shm_median, shm_mean), (gloo_median, gloo_mean)) in rows[0].items():
+        print(f"{label:>8} {shm_median * 1e6:>9.1f} us ({shm_mean * 1e6:>6.1f}) "
+              f"{gloo_median * 1e6:>9.1f} us ({gloo_mean * 1e6:>6.1f}) {gloo_median / shm_median:>8.1f}x")
     return rows[0]
 
 

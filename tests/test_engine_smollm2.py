@@ -107,7 +107,7 @@ def test_tensor_parallel_2_gives_transformers_tokens_with_half_the_weights_each(
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = EngineConfig(num_blocks=400, block_size=16, max_num_batched_tokens=256, tensor_parallel_size=2,
-                          tp_all_reduce="gloo", prepack_weights=False)
+                          prepack_weights=False)
     engine = LLMEngine(smollm2_dir, config)
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)

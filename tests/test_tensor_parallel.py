@@ -84,11 +84,11 @@ def test_workers_rebuild_every_step_of_a_random_run_from_the_messages():
 @pytest.mark.parametrize("tp", [2, 4])
 def test_greedy_tokens_equal_one_rank_and_transformers(tiny_model, tp):  # noqa: F811
     """4 query / 2 KV heads: tp=2 splits the KV heads, tp=4 replicates each on two ranks. Chunked
-    prefill and forced preemption on, prefix hits on the second pass."""
+    prefill and forced preemption on, prefix hits on the second pass. Sums through shared memory
+    (all ranks on one node); the compressed checkpoints below go through gloo."""
     prompt_list = prompts(10)
     expected = hf_greedy(tiny_model, prompt_list, GREEDY.max_tokens)
-    config = EngineConfig(num_blocks=24, block_size=8, max_num_batched_tokens=64, tensor_parallel_size=tp,
-                          tp_all_reduce="gloo")
+    config = EngineConfig(num_blocks=24, block_size=8, max_num_batched_tokens=64, tensor_parallel_size=tp)
     engine = LLMEngine(tiny_model, config, tp_workers="threads")
     try:
         assert [o.token_ids for o in engine.generate(prompt_list, GREEDY)] == expected

@@ -37,9 +37,9 @@ struct Header {  // at offset 0
 // One per rank at kPage + rank * 128; two cache lines, so the adjacent-line prefetcher does not
 // make neighbours' polling collide with this rank's publishing.
 struct RankControl {
-  std::atomic<uint64_t> published_step;  // the last step whose chunk sits in this rank's slot
-  uint64_t pid, pid_namespace;           // written once when the rank maps the segment
-  uint64_t call_numel[2], call_dtype[2];  // the call a step belongs to, by step parity
+  std::atomic<uint64_t> published_step;       // the last step whose chunk sits in this rank's slot
+  std::atomic<uint64_t> pid, pid_namespace;   // written once, when the rank maps the segment (0 before)
+  uint64_t call_numel[2], call_dtype[2];      // the call a step belongs to, by step parity
   uint64_t unused[9];
 };
 
@@ -117,11 +117,14 @@ bool process_gone(pid_t pid) {
 // The first rank that has not published `step` and whose process died, or -1. Only ranks in this
 // rank's pid namespace are judged: elsewhere the pid names another process.
 int64_t first_dead_laggard(const Segment& seg, int64_t rank, uint64_t step) {
-  const uint64_t own_namespace = seg.control[rank].pid_namespace;
+  const uint64_t own_namespace = seg.control[rank].pid_namespace.load(std::memory_order_relaxed);
   for (int64_t r = 0; r < seg.world_size; ++r) {
     const RankControl& peer = seg.control[r];
-    if (peer.published_step.load(std::memory_order_acquire) >= step || peer.pid == 0) continue;
-    if (own_namespace != 0 && peer.pid_namespace == own_namespace && process_gone(pid_t(peer.pid))) return r;
+    const uint64_t pid = peer.pid.load(std::memory_order_relaxed);
+    if (peer.published_step.load(std::memory_order_acquire) >= step || pid == 0) continue;
+    if (own_namespace != 0 && peer.pid_namespace.load(std::memory_order_relaxed) == own_namespace &&
+        process_gone(pid_t(pid)))
+      return r;
   }
   return -1;
 }
@@ -138,7 +141,7 @@ int64_t first_laggard(const Segment& seg, uint64_t step) {
 // elsewhere; no need to burn a core on it). Returns 0, or the abort word that ended the wait.
 uint64_t wait_for_step(const Segment& seg, int64_t rank, uint64_t step, double timeout_s) {
   using Clock = std::chrono::steady_clock;
-  constexpr int kSpinPolls = 2000;
+  constexpr int kSpinPolls = 256;  // a few microseconds
   constexpr auto kYieldFor = std::chrono::milliseconds(1), kLivenessEvery = std::chrono::milliseconds(100);
   constexpr timespec kNap{0, 50000};
   const auto start = Clock::now();
@@ -182,14 +185,15 @@ inline float widen(uint16_t bfloat16_bits) {
   return value;
 }
 
-// float32 -> bfloat16 rounding to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion (what
-// torch's .to(torch.bfloat16) gives), written branch-free so the loop vectorises.
+// float32 -> bfloat16 rounding to nearest even, any NaN to 0xFFFF: what torch's vectorised conversion
+// (tensor.to(torch.bfloat16) on x86) gives, so results equal all_reduce_reference's bit for bit.
+// Branch-free, so the loop vectorises.
 inline void narrow(float value, float* out) { *out = value; }
 inline void narrow(float value, uint16_t* out) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof bits);
   const auto rounded = uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-  *out = value != value ? uint16_t(0x7FC0) : rounded;
+  *out = value != value ? uint16_t(0xFFFF) : rounded;
 }
 
 // out[i] = ((slot_0[i] + slot_1[i]) + slot_2[i]) + ... in float32: the same operations in the same
