@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("prompt_tokens + max_tokens must stay within 2048 (vLLM runs with --max-model-len 2048)")
 
     gflops, gbps = machine.matmul_gflops(), machine.weight_streaming_gbps()
-    print(f"machine: {gflops:.0f} GFLOP/s fp32 matmul, {gbps:.1f} GB/s weight streaming, {config.threads} threads",
-          file=sys.stderr)
+    print(f"machine: {machine.isa()}; {gflops:.0f} GFLOP/s fp32 matmul, {gbps:.1f} GB/s weight streaming, "
+          f"{config.threads} threads", file=sys.stderr)
     log_dir = Path(store.root if store.fs.type_name == "local" else ".") / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     measured, vllm_note = [], ""
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if config.tensor_parallel_size:
         all_ratios += tensor_parallel_ratios(rows, config.tensor_parallel_size)
     ratio_table = markdown_table(all_ratios, ["scenario", "measure", "peer", "ratio"])
-    notes = [(f"machine: {gflops:.0f} GFLOP/s, {gbps:.1f} GB/s; model {num_params / 1e6:.1f}M params fp32; "
-              f"medians of {config.rounds} rounds taken in turns with vLLM")]
+    notes = [(f"machine: {machine.isa()}; {gflops:.0f} GFLOP/s, {gbps:.1f} GB/s; model {num_params / 1e6:.1f}M params fp32; "
+              f"medians of {config.rounds} rounds taken in turns (ours with vLLM, tp=N with tp=1)")]
     notes += [vllm_note] if vllm_note else []
     report = "\n\n".join([table, ratio_table, *notes])
     print(report)

@@ -3,7 +3,7 @@
 Tensor parallelism splits each linear one of two ways:
 - COLUMN (q/k/v, gate/up): a rank keeps output rows [start, stop), bias rows included.
 - ROW (o_proj, down_proj): a rank keeps input columns [start, stop); the ranks' outputs are summed
-  (all-reduce) and the bias is added once, after the sum, so no shard carries it.
+  (all-reduce) and the bias must be added once, after the sum: `shard_layer` returns it apart.
 
 A compressed layer is a few buffers plus format arguments (kernels/compressed.py). Per format, a
 rule here says which slice of each buffer a shard needs, and where a split cannot fall: inside a

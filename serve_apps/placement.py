@@ -24,6 +24,17 @@ def _describe(resources: dict[str, float]) -> str:
     return ", ".join(f"{name} {amount:g}" for name, amount in sorted(resources.items()))
 
 
+def _on_distinct_nodes(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Each bundle on a node of its own: the largest first, each to the smallest free node that fits."""
+    free = sorted(nodes, key=lambda node: sum(node.values()))
+    for bundle in sorted(bundles, key=lambda b: -sum(b.values())):
+        node = next((n for n in free if _fits(bundle, n)), None)
+        if node is None:
+            return False
+        free.remove(node)
+    return True
+
+
 def placement_problem(bundles: list[dict[str, float]], strategy: str, nodes: list[dict[str, float]]) -> str | None:
     """Why the bundles cannot be placed on `nodes` (each node's resources), or None if they can."""
     need = _total(bundles)
@@ -32,9 +43,9 @@ def placement_problem(bundles: list[dict[str, float]], strategy: str, nodes: lis
             return f"STRICT_PACK needs {_describe(need)} on one node; no node has it"
         return None
     if strategy == "STRICT_SPREAD":
-        fitting = [node for node in nodes if _fits(max(bundles, key=lambda b: sum(b.values())), node)]
-        if len(fitting) < len(bundles):
-            return f"STRICT_SPREAD needs {len(bundles)} nodes with {_describe(bundles[-1])} each; {len(fitting)} have it"
+        if not _on_distinct_nodes(bundles, nodes):
+            return (f"STRICT_SPREAD needs {len(bundles)} nodes, one per rank ({', '.join(map(_describe, bundles))}); "
+                    "the nodes cannot hold them apart")
         return None
     if unplaceable := [b for b in bundles if not any(_fits(b, node) for node in nodes)]:
         return f"{strategy}: no node has {_describe(unplaceable[0])} for one rank"

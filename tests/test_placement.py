@@ -23,7 +23,10 @@ def test_spread_and_pack_may_span_nodes_but_not_exceed_them():
 
 def test_strict_spread_needs_a_node_per_rank():
     assert placement_problem(TP2, "STRICT_SPREAD", TWO_SMALL_NODES) is None
-    assert "needs 3 nodes" in placement_problem([{"CPU": 1}] * 3, "STRICT_SPREAD", TWO_SMALL_NODES)
+    assert "needs 3 nodes, one per rank" in placement_problem([{"CPU": 1}] * 3, "STRICT_SPREAD", TWO_SMALL_NODES)
+    # a large replica and a small worker fit a large and a small node
+    assert placement_problem([{"CPU": 4}, {"CPU": 1}], "STRICT_SPREAD", [{"CPU": 1}, {"CPU": 4}]) is None
+    assert placement_problem([{"CPU": 4}, {"CPU": 4}], "STRICT_SPREAD", [{"CPU": 1}, {"CPU": 4}]) is not None
 
 
 @pytest.mark.parametrize("gpus", [0, 1])

@@ -42,3 +42,16 @@ def weight_streaming_gbps(num_floats: int = 64 * 2**20, repeats: int = 5) -> flo
         seconds = min(seconds, _best_seconds(
             lambda: torch.ops.mkldnn._linear_pointwise(row, packed, None, "none", [], ""), repeats))
     return matrix.numel() * 4 / seconds / 1e9
+
+
+def isa() -> str:
+    """The CPU and the widest vector extension our C++ kernels can use on it (they build -march=native)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    widest = "AVX-512 (VNNI, BF16)" if {"avx512f", "avx512_vnni", "avx512_bf16"} <= flags else \
+        "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {widest}"

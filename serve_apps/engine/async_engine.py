@@ -111,3 +111,4 @@ class AsyncLLMEngine:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._executor.shutdown(wait=True)
+        self.engine.shutdown()

@@ -53,8 +53,8 @@ class Scheduled:
 class SchedulerOutput:
     scheduled: list[Scheduled] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # ended since the last step that ran: tensor-parallel workers forget them
-    finished_ids: list[str] = field(default_factory=list)
+    # ended or preempted since the last step that ran: tensor-parallel workers forget them
+    forget_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -74,7 +74,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self._finished_ids: list[str] = []
+        self._forget_ids: list[str] = []
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -83,12 +83,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_ids=list(self._finished_ids))
+        out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:  # no room was just made by preempting: don't refill it at once
             self._admit_waiting(out, budget)
-        if out.scheduled:  # an empty step runs nothing, so its news waits for the next
-            self._finished_ids.clear()
+        if out.scheduled:  # an empty step runs nothing, so its news waits for the next that runs
+            out.forget_ids, self._forget_ids = self._forget_ids, []
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -138,6 +138,7 @@ class Scheduler:
         request.status = Status.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
+        self._forget_ids.append(request.request_id)  # its blocks are gone: sent in full when rescheduled
         self.waiting.appendleft(request)
 
     def commit(self, out: SchedulerOutput) -> None:
@@ -155,4 +156,4 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request.request_id)
         request.status = status
-        self._finished_ids.append(request.request_id)
+        self._forget_ids.append(request.request_id)

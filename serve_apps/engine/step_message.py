@@ -42,7 +42,7 @@ class StepMessage:
     new: tuple[NewRequest, ...]
     cached: tuple[CachedRequest, ...]
     schedule: tuple[ScheduledEntry, ...]
-    finished_ids: tuple[str, ...]  # ended or preempted since the last message: forget them
+    forget_ids: tuple[str, ...]  # ended or preempted since the last message
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,7 @@ class StepMessageBuilder:
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, blocks) workers hold
 
     def build(self, out: SchedulerOutput) -> StepMessage:
-        gone = [*out.finished_ids, *(request.request_id for request in out.preempted)]
-        for request_id in gone:
+        for request_id in out.forget_ids:
             self._sent.pop(request_id, None)
         new, cached = [], []
         for item in out.scheduled:
@@ -80,7 +79,7 @@ class StepMessageBuilder:
         schedule = tuple(ScheduledEntry(item.request.request_id, item.start, item.num_new_tokens,
                                         item.completes_sequence, item.num_prompt_logprob_rows)
                          for item in out.scheduled)
-        return StepMessage(tuple(new), tuple(cached), schedule, tuple(gone))
+        return StepMessage(tuple(new), tuple(cached), schedule, tuple(out.forget_ids))
 
 
 @dataclass
@@ -91,7 +90,7 @@ class WorkerRequests:
     blocks: dict[str, list[int]] = field(default_factory=dict)
 
     def apply(self, message: StepMessage) -> list[StepItem]:
-        for request_id in message.finished_ids:
+        for request_id in message.forget_ids:
             self.tokens.pop(request_id, None)
             self.blocks.pop(request_id, None)
         for request in message.new:

@@ -21,10 +21,8 @@ from serve_apps.engine.model_runner import StepLogits
 from serve_apps.engine.scheduler import SchedulerOutput
 from serve_apps.engine.models.tp_layout import RankShard
 from serve_apps.engine.step_message import StepMessageBuilder
-from serve_apps.engine.tp_worker import RankInfo, Rendezvous, TPWorker, node_id, build_rank, weight_bytes
-
-LOOPBACK = "127.0.0.1"
-
+from serve_apps.engine.tp_worker import (LOOPBACK, RankInfo, Rendezvous, TPWorker, build_rank, node_id, node_ip,
+                                         weight_bytes)
 
 class WorkerFailed(RuntimeError):
     """A tensor-parallel worker could not start or died: the model cannot step any more."""
@@ -33,19 +31,32 @@ class WorkerFailed(RuntimeError):
 class TPExecutor:
     def __init__(self, model_path: Path, config: EngineConfig, shards: list[RankShard], num_blocks: int,
                  workers: str = "ray"):
-        one_node = workers == "threads" or config.placement_strategy == "STRICT_PACK"
-        use_shm = config.tp_all_reduce == "shm" or (config.tp_all_reduce == "auto" and one_node)
-        host = LOOPBACK if one_node else _node_ip()
-        rendezvous = Rendezvous(host, _free_port(host), f"rayfoundry-tp-{uuid.uuid4().hex[:12]}" if use_shm else None,
-                                config.tp_timeout_s)
-        spawn = ThreadWorker if workers == "threads" else RayWorkers(config, len(shards)).spawn
-        self.workers = [spawn(str(model_path), config, shard, rendezvous, num_blocks) for shard in shards[1:]]
-        self.runner, self._load_peak = _build_rank_zero(model_path, config, shards[0], rendezvous, num_blocks,
-                                                        self.workers)
-        self.model = self.runner.model
+        self.workers, self._ray_workers, self.runner = [], None, None
         self.messages = StepMessageBuilder()
         self.timeout_s = config.tp_timeout_s
-        self.message_s = 0.0
+        self.message_s = 0.0  # rank 0's time building and sending messages (the benchmark's share)
+        try:
+            self._start(model_path, config, shards, num_blocks, workers)
+        except BaseException:
+            self.shutdown()  # no actor, placement group or shared memory left behind a failed start
+            raise
+        self.model = self.runner.model
+
+    def _start(self, model_path: Path, config: EngineConfig, shards: list[RankShard], num_blocks: int,
+               workers: str) -> None:
+        if workers == "threads":
+            one_node, spawn = True, ThreadWorker
+        else:
+            self._ray_workers = RayWorkers(config, len(shards))
+            one_node, spawn = self._ray_workers.all_on_this_node(), self._ray_workers.spawn
+        use_shm = config.tp_all_reduce == "shm" or (config.tp_all_reduce == "auto" and one_node)
+        host = LOOPBACK if one_node else node_ip()
+        rendezvous = Rendezvous(host, _free_port(host), f"rayfoundry-tp-{uuid.uuid4().hex[:12]}" if use_shm else None,
+                                config.tp_timeout_s)
+        for shard in shards[1:]:
+            self.workers.append(spawn(str(model_path), config, shard, rendezvous, num_blocks))
+        self.runner, self._load_peak = _build_rank_zero(model_path, config, shards[0], rendezvous, num_blocks,
+                                                        self.workers)
 
     def execute(self, out: SchedulerOutput) -> StepLogits:
         started = time.perf_counter()
@@ -66,10 +77,11 @@ class TPExecutor:
         return [rank0, *(worker.info() for worker in self.workers)]
 
     def check_health(self) -> None:
-        """Raise if a worker died, even while no step runs (Serve calls this every few seconds)."""
+        """Raise if a worker died, even while no step runs (Serve calls this every few seconds, and
+        gives up on an answer after 30 s: a ping waits at most one long step)."""
         self._raise_worker_failure()
         for worker in self.workers:
-            worker.ping(self.timeout_s)
+            worker.ping(min(self.timeout_s, 10.0))
 
     def _raise_worker_failure(self) -> None:
         for worker in self.workers:
@@ -78,6 +90,10 @@ class TPExecutor:
     def shutdown(self) -> None:
         for worker in self.workers:
             worker.stop()
+        if self.runner is not None:
+            self.runner.model.group.close()
+        if self._ray_workers is not None:
+            self._ray_workers.remove_group()
 
 
 def _build_rank_zero(model_path, config, shard, rendezvous, num_blocks, workers):
@@ -98,9 +114,11 @@ def _build_rank_zero(model_path, config, shard, rendezvous, num_blocks, workers)
         for worker in workers:
             worker.raise_if_failed(starting=True)
     if "error" in result:
+        for worker in workers:  # a worker's failure, when there is one, is why rank 0's wait ended
+            worker.raise_if_failed(starting=True)
         raise result["error"]
     for worker in workers:
-        worker.wait_started()
+        worker.wait_started(config.tp_timeout_s)
     return result["rank"]
 
 
@@ -131,8 +149,9 @@ class ThreadWorker:
         if self._error is not None:
             raise WorkerFailed(f"tensor-parallel worker failed: {self._error!r}") from self._error
 
-    def wait_started(self) -> None:
-        self._started.wait()
+    def wait_started(self, timeout_s: float) -> None:
+        if not self._started.wait(timeout_s):
+            raise WorkerFailed(f"a tensor-parallel worker did not start within {timeout_s:.0f} s")
         self.raise_if_failed()
 
     def info(self) -> RankInfo:
@@ -157,7 +176,8 @@ class RayWorkers:
         self.config = config
         self.group = get_current_placement_group()
         self.first_bundle = 1  # a Serve replica sits in bundle 0
-        if self.group is None:
+        self.owns_group = self.group is None
+        if self.owns_group:
             strategy = config.placement_strategy
             gpus = {"GPU": config.num_gpus_per_worker} if config.num_gpus_per_worker else {}
             self.group = placement_group([{"CPU": config.num_cpus_per_worker, **gpus}] * (tp - 1),
@@ -168,6 +188,19 @@ class RayWorkers:
                 raise WorkerFailed(f"no room for {tp - 1} tensor-parallel workers of {config.num_cpus_per_worker} "
                                    f"CPU ({strategy}) within {config.tp_timeout_s:.0f} s")
         self._next = self.first_bundle
+
+    def all_on_this_node(self) -> bool:
+        """Every bundle on this process's node: shared memory can carry the sums."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        nodes = set(placement_group_table(self.group)["bundles_to_node_id"].values())
+        return nodes == {ray.get_runtime_context().get_node_id()}
+
+    def remove_group(self) -> None:
+        if self.owns_group:
+            import ray
+            ray.util.remove_placement_group(self.group)
 
     def spawn(self, *args) -> RayWorker:
         import ray
@@ -188,23 +221,29 @@ class RayWorker:
         self.actor = actor
         self._ready = actor.info.remote()  # runs once __init__ is done; fails if it failed
         self._pending: list = []
+        self._lock = threading.Lock()  # the engine's step thread and Serve's health check both look
         self._ray = ray
 
     def submit(self, message) -> None:
-        self._pending.append(self.actor.execute.remote(message))
+        with self._lock:
+            self._pending.append(self.actor.execute.remote(message))
 
     def raise_if_failed(self, starting: bool = False) -> None:
-        refs = [self._ready] if starting else self._pending
-        done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        with self._lock:
+            refs = [self._ready] if starting else list(self._pending)
+            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+            if not starting:
+                self._pending = [ref for ref in self._pending if ref not in done]
         try:
             self._ray.get(done)
         except Exception as error:
             raise WorkerFailed(f"tensor-parallel worker failed: {error}") from error
-        if not starting:
-            self._pending = [ref for ref in self._pending if ref not in done]
 
-    def wait_started(self) -> None:
-        self._ray.get(self._ready)
+    def wait_started(self, timeout_s: float) -> None:
+        try:
+            self._ray.get(self._ready, timeout=timeout_s)
+        except Exception as error:
+            raise WorkerFailed(f"tensor-parallel worker did not start: {error}") from error
 
     def info(self) -> RankInfo:
         return self._ray.get(self.actor.info.remote())
@@ -218,11 +257,6 @@ class RayWorker:
 
     def stop(self) -> None:
         self._ray.kill(self.actor)
-
-
-def _node_ip() -> str:
-    import ray
-    return ray.util.get_node_ip_address()
 
 
 def _free_port(host: str) -> int:

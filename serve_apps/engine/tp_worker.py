@@ -20,6 +20,9 @@ from serve_apps.engine.models.tp_layout import RankShard
 from serve_apps.engine.step_message import StepMessage, WorkerRequests
 
 
+LOOPBACK = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class Rendezvous:
     """Where the ranks of one model meet (rank 0's TCPStore) and the shared-memory name they share."""
@@ -44,11 +47,18 @@ def build_rank(model_path: Path, config: EngineConfig, shard: RankShard, rendezv
     """A rank's model runner, its collectives joined; and the peak anonymous memory its load added."""
     from serve_apps.engine.models.loader import load_model
 
+    # gloo connects each rank at its own address: loopback on one node, the node's address across nodes
+    device_host = rendezvous.host if rendezvous.host == LOOPBACK else node_ip()
     group = GlooGroup(rendezvous.host, rendezvous.port, shard.rank, shard.size, rendezvous.timeout_s,
-                      rendezvous.shm_name)
+                      rendezvous.shm_name, device_host=device_host)
     with PeakAnonMemory() as peak:
         model = load_model(model_path, getattr(torch, config.dtype), config.prepack_weights, shard, group)
     return ModelRunner(model, num_blocks, config.block_size), peak.added
+
+
+def node_ip() -> str:
+    import ray
+    return ray.util.get_node_ip_address()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -73,16 +83,12 @@ class TPWorker:
     def execute(self, message: StepMessage) -> None:
         self.runner.forward(self.requests.apply(message))
 
-    def collective_times(self):
-        return self.runner.model.group.times
-
 
 def node_id() -> str:
-    try:
-        import ray
-        return ray.get_runtime_context().getnode_id() if ray.is_initialized() else "local"
-    except Exception:  # outside a Ray worker
-        return "local"
+    """This process's Ray node, or "local" outside Ray (threads of a process that never started Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 class PeakAnonMemory:

@@ -5,7 +5,8 @@ attends with its own keys and values and nothing crosses ranks until the output 
 counts may differ by one group: SmolLM2 (9 query heads, 3 KV heads) at tp=2 gives rank 0 two groups
 (6 query heads) and rank 1 one (3). With more ranks than KV heads, each group's query heads are
 split over tp / num_kv_heads ranks and its KV head is replicated on each of them. The MLP's
-intermediate rows and the vocabulary split evenly (the last vocabulary shard takes the remainder).
+intermediate rows and the vocabulary split evenly (where they do not divide, the first shards take
+one more row each).
 """
 from __future__ import annotations
 
