@@ -81,12 +81,13 @@ class LLMServer:
         """Serve calls this periodically; a dead engine loop marks the replica unhealthy."""
         self.engine.check_health()
 
-    def tensor_parallel_ranks(self) -> list[dict]:
-        """Each rank's node, weight bytes and load peak (one entry for one rank)."""
-        runner = self.engine.engine.runner
-        if not hasattr(runner, "rank_infos"):
-            return []
-        return [dataclasses.asdict(info) for info in runner.rank_infos()]
+    def replica_state(self) -> dict:
+        """For operators and tests: each tensor-parallel rank's node, pid, weight bytes and load peak
+        (none for one rank), and the KV cache's free and total blocks."""
+        engine = self.engine.engine
+        infos = engine.runner.rank_infos() if hasattr(engine.runner, "rank_infos") else []
+        return {"ranks": [dataclasses.asdict(info) for info in infos],
+                "num_free_blocks": engine.kv_cache.num_free_blocks, "num_blocks": engine.kv_cache.pool.num_blocks}
 
     def record_routing_stats(self) -> dict:
         """Serve polls this for its request router: what the prefix cache holds, and the load."""

@@ -117,7 +117,7 @@ def test_tensor_parallel_2_gives_transformers_tokens_with_half_the_weights_each(
         whole = weight_bytes(LLMEngine(smollm2_dir, EngineConfig(num_blocks=8, prepack_weights=False)).model)
         for info in engine.runner.rank_infos():
             assert abs(info.weight_bytes / (whole / 2) - 1) < 0.10, (info, whole)
-            assert info.load_peak_bytes < 0.75 * whole, (info, whole)
+            assert info.load_peak_bytes < 0.9 * whole, (info, whole)  # 0.64 and 0.70 measured
     finally:
         engine.shutdown()
         ray.shutdown()

@@ -62,13 +62,20 @@ def _texts(port) -> list[str]:
                                       extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS]
 
 
-def _ranks() -> list[list[dict]]:
+def _replicas(count: int) -> list[dict]:
+    """Every replica's state (its ranks, its KV blocks), by asking until `count` different ones answered."""
     handle = serve.get_deployment_handle(f"LLMServer:{MODEL}", "tp")
     seen = {}
-    for _ in range(20):  # the router spreads calls: collect every replica's answer
-        ranks = handle.tensor_parallel_ranks.remote().result()
-        seen[ranks[0]["node_id"]] = ranks
-    return list(seen.values())
+    for _ in range(200):  # the router picks the replica: ask until each has answered
+        state = handle.replica_state.remote().result()
+        seen[state["ranks"][0]["pid"]] = state
+        if len(seen) == count:
+            return list(seen.values())
+    raise AssertionError(f"{len(seen)} of {count} replicas answered")
+
+
+def _ranks(count: int = 1) -> list[list[dict]]:
+    return [state["ranks"] for state in _replicas(count)]
 
 
 def test_strict_pack_keeps_a_replica_on_one_node(cluster, tiny_llama_long_dir):
@@ -82,15 +89,14 @@ def test_strict_pack_keeps_a_replica_on_one_node(cluster, tiny_llama_long_dir):
 
 
 def test_spread_replicas_span_nodes_behind_kv_aware_and_serve_exactly(cluster, tiny_llama_long_dir):
-    """Two tp=2 replicas, each rank on a node of its own (1 CPU and 1 logical GPU per bundle)."""
+    """Two tp=2 replicas, SPREAD: each replica's ranks on two nodes (1 CPU, 1 logical GPU a bundle),
+    gloo across them; the same tokens as one rank, through the kv_aware router."""
     app = _app(tiny_llama_long_dir, num_replicas=2, router="kv_aware",
-               engine={"placement_strategy": "STRICT_SPREAD", "num_gpus_per_worker": 1})
+               engine={"placement_strategy": "SPREAD", "num_gpus_per_worker": 1})
     serve.run(app, name="tp", route_prefix="/")
     try:
-        replicas = _ranks()
-        assert len(replicas) == 2
-        nodes = [rank["node_id"] for ranks in replicas for rank in ranks]
-        assert len(set(nodes)) == 4
+        for ranks in _ranks(2):
+            assert len({rank["node_id"] for rank in ranks}) == 2
         expected = _one_rank_texts(tiny_llama_long_dir)
         for _ in range(2):
             assert _texts(cluster) == expected
@@ -99,28 +105,43 @@ def test_spread_replicas_span_nodes_behind_kv_aware_and_serve_exactly(cluster, t
 
 
 def test_a_killed_worker_fails_its_requests_fast_and_serve_replaces_the_replica(cluster, tiny_llama_long_dir):
-    serve.run(_app(tiny_llama_long_dir), name="tp", route_prefix="/")
+    """Two replicas (pow2 spreads the long requests over both); one replica's worker is SIGKILLed while
+    both decode: that replica's requests end in seconds with 503 (a stream with an error event), the
+    other replica's finish and leave every KV block free; Serve replaces the dead replica."""
+    serve.run(_app(tiny_llama_long_dir, num_replicas=2, router="pow2", engine={"placement_strategy": "PACK"}),
+              name="tp", route_prefix="/")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster}/v1", api_key="unused", max_retries=0)
-        outcome = {}
+        outcomes = []
 
-        def long_stream():
+        def long_request(stream: bool):
+            outcome = {}
             try:
-                stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3000, temperature=0,
-                                                   stream=True, extra_body={"ignore_eos": True})
-                outcome["chunks"] = sum(1 for _ in stream)
-            except openai.APIError as error:
+                response = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3000, temperature=0,
+                                                     stream=stream, extra_body={"ignore_eos": True})
+                outcome["tokens"] = sum(1 for _ in response) if stream else response.usage.completion_tokens
+            except openai.APIStatusError as error:
+                outcome["status"] = error.status_code
+            except openai.APIError as error:  # an error event inside a stream that had begun
                 outcome["error"] = error
+            outcome["ended"] = time.monotonic()
+            outcomes.append(outcome)
 
-        thread = threading.Thread(target=long_stream)
-        thread.start()
-        time.sleep(2)
-        (ranks,) = _ranks()
+        threads = [threading.Thread(target=long_request, args=(i % 2 == 0,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        victim, survivor = _replicas(2)
         killed_at = time.monotonic()
-        os.kill(ranks[1]["pid"], signal.SIGKILL)
-        thread.join(60)
-        assert not thread.is_alive() and time.monotonic() - killed_at < 30
-        assert "error" in outcome, outcome
+        os.kill(victim["ranks"][1]["pid"], signal.SIGKILL)
+        for thread in threads:
+            thread.join(120)
+        failed = [o for o in outcomes if "tokens" not in o]
+        assert failed and all(o.get("status", 503) == 503 for o in failed), outcomes
+        assert all(o["ended"] - killed_at < 15 for o in failed), [o["ended"] - killed_at for o in failed]
+        print(f"worker killed: {len(failed)} of {len(outcomes)} requests failed, the last "
+              f"{max(o['ended'] for o in failed) - killed_at:.2f} s after; statuses {[o.get('status') for o in failed]}")
+        assert any("tokens" in o for o in outcomes), outcomes  # the other replica's requests finished
         deadline = time.monotonic() + 180
         while True:  # Serve's health check finds the replica dead and starts another, with new workers
             try:
@@ -129,6 +150,9 @@ def test_a_killed_worker_fails_its_requests_fast_and_serve_replaces_the_replica(
             except openai.APIError:
                 assert time.monotonic() < deadline, "the replica was not replaced"
                 time.sleep(2)
+        states = _replicas(2)
+        assert survivor["ranks"][0]["pid"] in {state["ranks"][0]["pid"] for state in states}
+        assert all(state["num_free_blocks"] == state["num_blocks"] for state in states)  # no block leaked
     finally:
         serve.delete("tp")
 
