@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -27,6 +28,8 @@ DELEGATED = {
 # `rayfoundry A ...` -> the job `python -m <module> ...`
 DELEGATED_ONE_WORD = {"optimize": "jobs.optimize"}
 SERVE_MODULE = "serve_apps.serve_run"  # `rayfoundry serve CONFIG`
+CLUSTER_HELP = ("a cluster launcher YAML: cluster/aws-gpu.yaml and cluster/gcp-gpu.yaml go to `ray up/down`; "
+                "cluster/fake-multinode.yaml autoscales local processes on this machine")
 WHERE_JOBS_RUN = (
     "models add, data prepare, eval ppl, search run and optimize are Ray jobs. With a Ray cluster up "
     "($RAY_ADDRESS, as for `ray job submit`, else the local cluster on 127.0.0.1:8265) they are submitted "
@@ -37,6 +40,11 @@ WHERE_JOBS_RUN = (
 
 
 def cmd_up(args) -> int:
+    if args.cluster is not None:
+        from cluster import launcher
+
+        print(launcher.up(args.cluster))
+        return 0
     print(local_cluster.up(num_cpus=args.num_cpus))
     return 0
 
@@ -48,6 +56,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
+    if args.cluster is not None:
+        from cluster import launcher
+
+        print(launcher.down(args.cluster))
+        return 0
     print(local_cluster.down())
     return 0
 
@@ -117,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayfoundry", description="Compress LLMs and serve them on Ray.",
                                      epilog=WHERE_JOBS_RUN)
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start the local Ray cluster (dashboard on 127.0.0.1:8265)")
-    up.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
+    up = sub.add_parser("up", help="start the local Ray cluster (dashboard on 127.0.0.1:8265), or with --cluster "
+                                   "a cluster from a launcher YAML (`ray up`)")
+    up.add_argument("--num-cpus", type=int, help="CPUs the local head offers (default: all)")
+    up.add_argument("--cluster", type=Path, help=CLUSTER_HELP)
     up.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show the local cluster").set_defaults(func=cmd_status)
-    sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    down = sub.add_parser("down", help="stop the local cluster, or with --cluster a launcher YAML's (`ray down`)")
+    down.add_argument("--cluster", type=Path, help=CLUSTER_HELP)
+    down.set_defaults(func=cmd_down)
     sub.add_parser("optimize", help="search, optionally QAT, store and serve a cheaper model (python -m "
                                     "jobs.optimize; see `rayfoundry optimize --help`)")
     sub.add_parser("serve", help=f"serve models from a Serve config (python -m {SERVE_MODULE}; "

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install rayfoundry into ./.venv (created if missing), with its test extras.
-# torch is installed first as the CPU build 2.13.0: the project accepts any torch in its
-# range, and asking for that exact release keeps pip from pulling a multi-GB CUDA build.
-# Override with TORCH_SPEC, e.g. TORCH_SPEC='torch==2.13.0' on a machine with a GPU index.
+# torch is installed first as 2.13.0: the project accepts any torch in its range, and asking for that
+# exact release keeps pip from pulling another multi-GB build. Which build: on this project's machines
+# pip takes the CPU wheel on disk; elsewhere PyPI's Linux wheel (the CUDA build, for GPU nodes), or the
+# index TORCH_INDEX_URL names (https://download.pytorch.org/whl/cpu for CPU-only nodes).
+# TORCH_SPEC overrides the requirement itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,8 +12,11 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check --quiet "$@" 2> >(grep -v "^WARNING: Location" >&2); }
-echo "installing $TORCH_SPEC ..."
-pip install "$TORCH_SPEC"
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  echo "GPUs here: $(nvidia-smi -L | wc -l)"
+fi
+echo "installing $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL} ..."
+pip install "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 echo "installing rayfoundry and its dependencies (ray, deepspeed, transformers, ...) ..."
 pip install -e '.[test]'
 echo "installed: $(.venv/bin/rayfoundry --help >/dev/null && echo rayfoundry) into .venv"

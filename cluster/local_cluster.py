@@ -1,4 +1,5 @@
-"""The embedded local Ray cluster: one head node on this machine, dashboard on 127.0.0.1.
+"""The embedded local Ray cluster: one head node on this machine, dashboard on 127.0.0.1, Ray's
+token authentication on (RAY_AUTH_MODE=disabled before `up` turns it off).
 
 `up` and `down` drive Ray's own `ray start` / `ray stop`; `status` reads the dashboard's HTTP
 API. Nothing here is reimplemented from Ray, it only picks loopback-only, reproducible settings.
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cluster import auth
 from cluster.errors import UserError
 
 HOST = "127.0.0.1"
@@ -28,25 +30,16 @@ def dashboard_url(port: int = DASHBOARD_PORT) -> str:
     return f"http://{HOST}:{port}"
 
 
-def _auth_headers() -> dict[str, str]:
-    """Ray's token header when the user asked for token authentication (RAY_AUTH_MODE=token)."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return {}
-    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
-
-    return get_auth_headers_if_auth_enabled({})
-
-
 def _get_json(url: str, timeout: float = 3.0):
-    request = urllib.request.Request(url, headers=_auth_headers())
+    request = urllib.request.Request(url, headers=auth.headers())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise UserError(
-                f"the Ray cluster at {url.split('/api')[0]} requires its auth token: "
-                "export RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                f"the Ray cluster at {url.split('/api')[0]} refused this machine's auth token "
+                f"({auth.token_path()}, or RAY_AUTH_TOKEN): use the token of the cluster's owner"
             ) from None
         raise
 
@@ -59,20 +52,18 @@ def running_version(port: int = DASHBOARD_PORT) -> str | None:
         return None
 
 
-def _ray_cli() -> str:
+def ray_cli() -> str:
     """The `ray` next to this interpreter, so jobs run with the same environment."""
     beside = Path(sys.executable).with_name("ray")
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def _env_for_ray() -> dict[str, str]:
+def env_for_ray() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Every port binds to 127.0.0.1. Ray would turn token authentication on whenever some earlier
-    # `ray.init()` left a token in ~/.ray, and then a plain `ray job submit` fails; we make the
-    # choice explicit instead: off unless the user sets RAY_AUTH_MODE=token themselves.
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    # Every Ray process reads the mode from its environment; the token from RAY_AUTH_TOKEN or its file.
+    env[auth.MODE_VARIABLE] = "token" if auth.wanted() else "disabled"
     return env
 
 
@@ -82,18 +73,23 @@ def up(num_cpus: int | None = None, port: int = DASHBOARD_PORT) -> str:
     if version is not None:
         return f"Ray {version} cluster already running; dashboard {dashboard_url(port)}"
     command = [
-        _ray_cli(), "start", "--head", f"--node-ip-address={HOST}", f"--port={GCS_PORT}",
+        ray_cli(), "start", "--head", f"--node-ip-address={HOST}", f"--port={GCS_PORT}",
         "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={port}",
         f"--metrics-export-port={METRICS_EXPORT_PORT}", "--disable-usage-stats",
     ]
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
-    result = subprocess.run(command, env=_env_for_ray(), capture_output=True, text=True)
+    token_file = auth.ensure_token() if auth.wanted() else None
+    result = subprocess.run(command, env=env_for_ray(), capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise UserError(f"`ray start` failed: {' | '.join(tail)}")
     _wait_for_job_api(port)
-    return f"Ray {running_version(port)} cluster started; dashboard {dashboard_url(port)}, address {HOST}:{GCS_PORT}"
+    started = f"Ray {running_version(port)} cluster started; dashboard {dashboard_url(port)}, address {HOST}:{GCS_PORT}"
+    if token_file is None:
+        return started + ("\ntoken authentication is OFF (RAY_AUTH_MODE=disabled): anyone who reaches "
+                          "its ports can run code on it")
+    return started + "\n" + auth.HOW_TO_CONNECT.format(path=token_file)
 
 
 def _wait_for_job_api(port: int) -> None:
@@ -114,9 +110,11 @@ def status(port: int = DASHBOARD_PORT) -> dict:
     by_status: dict[str, int] = {}
     for job in list_jobs(port):
         by_status[job["status"]] = by_status.get(job["status"], 0) + 1
+    auth.use_for(dashboard_url(port))  # the state API below is one of Ray's clients
     return {
         "running": True, "ray_version": version, "dashboard": dashboard_url(port),
-        "address": f"{HOST}:{GCS_PORT}", "resources": _cluster_resources(port), "jobs": by_status,
+        "address": f"{HOST}:{GCS_PORT}", "auth": "token" if auth.required_by(dashboard_url(port)) else "disabled",
+        "resources": _cluster_resources(port), "jobs": by_status,
     }
 
 
@@ -139,7 +137,7 @@ def _cluster_resources(port: int) -> dict:
 def down() -> str:
     if running_version() is None:
         return "no local Ray cluster is running"
-    result = subprocess.run([_ray_cli(), "stop"], env=_env_for_ray(), capture_output=True, text=True)
+    result = subprocess.run([ray_cli(), "stop"], env=env_for_ray(), capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"`ray stop` failed: {result.stderr.strip().splitlines()[-1:]}")
     return "local Ray cluster stopped"

@@ -8,6 +8,7 @@ bash cluster/install.sh
 source .venv/bin/activate
 set -x
 rayfoundry up
+export RAY_AUTH_MODE=token  # the cluster wants Ray's token (~/.ray/auth_token): Ray's clients send it when told
 rayfoundry models add smollm2-135m-instruct
 ray job submit --working-dir . -- python -m jobs.prepare_data --config configs/jobs/data_shakespeare.yaml
 rayfoundry eval ppl --model smollm2-135m-instruct --data shakespeare --tokens 20480 --window 512

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster import local_cluster
+from cluster import auth, local_cluster
 from cluster.errors import USAGE_EXIT_CODE, UserError
 
 REPO = Path(__file__).resolve().parents[1]  # the job's working_dir: the code, and where relative paths start
@@ -85,6 +85,7 @@ def connect(address: str):
     # carries the job's own errors; only its errors stay.
     for handler in logging.getLogger("ray").handlers:
         handler.setLevel(logging.ERROR)
+    auth.use_for(address)
     try:
         return JobSubmissionClient(address)
     except ConnectionError:

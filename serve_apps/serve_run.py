@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from cluster import auth
 from cluster.config import parse_config
 from cluster.errors import UserError, reports_user_errors
 from cluster.local_cluster import dashboard_url
@@ -38,7 +39,7 @@ def check(path: Path) -> int:
 
 
 def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth.headers()), timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -81,6 +82,7 @@ def _serve_cli() -> str:
 
 
 def deploy(config_path: Path) -> str:
+    auth.use_for(dashboard_url())  # `serve deploy` sends the token only when told to
     result = subprocess.run([_serve_cli(), "deploy", str(config_path), "--address", dashboard_url()],
                             capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,21 +1,26 @@
 """The embedded local cluster: `rayfoundry up/status/down` and a data job through `ray job submit`."""
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from cluster import auth
 from cluster.local_cluster import list_jobs, running_version
 from conftest import RAYFOUNDRY, REPO, env_with_home, run
 
 RAY = str(Path(sys.executable).with_name("ray"))
+STARTED_HERE = {"cluster": False}
 
 
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
-    """`rayfoundry up` (twice: the second only reports); stopped afterwards if this test started it."""
-    env = env_with_home(tmp_path_factory.mktemp("home"), jobs_here=False)
+    """`rayfoundry up` (twice: the second only reports); stopped afterwards if this test started it.
+    Ray's own clients get RAY_AUTH_MODE=token, as the README and `rayfoundry up` tell users."""
+    env = {**env_with_home(tmp_path_factory.mktemp("home"), jobs_here=False), "RAY_AUTH_MODE": "token"}
     was_running = running_version() is not None
+    STARTED_HERE["cluster"] = not was_running
     first = run([*RAYFOUNDRY, "up"], env, timeout=300)
     assert first.returncode == 0, first.stderr
     second = run([*RAYFOUNDRY, "up"], env, timeout=60)
@@ -35,6 +40,23 @@ def test_status_reports_the_running_cluster(local_cluster):
     report = json.loads(result.stdout)
     assert report["running"] and report["dashboard"] == "http://127.0.0.1:8265"
     assert report["resources"]["nodes"] >= 1 and report["resources"]["CPU"] >= 1
+
+
+def test_the_cluster_refuses_a_request_without_its_token(local_cluster):
+    """`rayfoundry up` turns Ray's token authentication on (a cluster someone started otherwise is theirs)."""
+    import urllib.error
+    import urllib.request
+
+    report = json.loads(run([*RAYFOUNDRY, "status"], local_cluster, timeout=60).stdout)
+    if report["auth"] == "disabled" and not STARTED_HERE["cluster"]:
+        pytest.skip("the cluster already running was started with token authentication off, by its owner")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen("http://127.0.0.1:8265/api/jobs/", timeout=30)
+    assert refused.value.code == 401 and report["auth"] == "token"
+    request = urllib.request.Request("http://127.0.0.1:8265/api/jobs/", headers=auth.headers())
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200
+    assert "RAY_AUTH_TOKEN" in os.environ or auth.token_path().stat().st_mode & 0o077 == 0
 
 
 def test_prepare_data_runs_as_a_ray_job_listed_by_the_dashboard(local_cluster, tmp_path, tiny_llama_dir):
@@ -60,7 +82,8 @@ def _train_runs() -> list[dict]:
     """The dashboard's Ray Train view of Train v2 runs."""
     import urllib.request
 
-    with urllib.request.urlopen("http://127.0.0.1:8265/api/train/v2/runs/v1", timeout=30) as response:
+    request = urllib.request.Request("http://127.0.0.1:8265/api/train/v2/runs/v1", headers=auth.headers())
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())["train_runs"]
 
 

@@ -25,6 +25,7 @@ class RequestResult:
     cached_tokens: int = 0
     output_tokens: int = 0
     replica: str = ""
+    status: int = 0  # the HTTP status; 0 when no response came
     error: str = ""
     first_message: str = ""  # the shared part of multi-tenant and multi-turn prompts
 
@@ -43,6 +44,7 @@ async def _chat(http: aiohttp.ClientSession, url: str, body: dict) -> RequestRes
     try:
         async with http.post(url, json=body) as response:
             result.replica = response.headers.get("X-Rayfoundry-Replica", "")
+            result.status = response.status
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
@@ -83,10 +85,12 @@ async def _run_session(http, url: str, model: str, session: Session, max_tokens:
 
 async def run_load(base_url: str, model: str, sessions: list[Session], max_tokens: int, *,
                    concurrency: int | None = None, request_rate: float | None = None, seed: int = 0,
-                   api_key: str | None = None, timeout_s: float = 600) -> tuple[list[RequestResult], float]:
+                   api_key: str | None = None, timeout_s: float = 600,
+                   stop_after_s: float | None = None) -> tuple[list[RequestResult], float]:
     """Sends every session; returns each request's result and the wall time of the whole load.
     `concurrency`: that many sessions in flight at all times. `request_rate`: sessions start as a
-    Poisson process of that rate (per second), however many are in flight."""
+    Poisson process of that rate (per second), however many are in flight. `stop_after_s`: no session
+    starts after that many seconds (those started finish)."""
     if (concurrency is None) == (request_rate is None):
         raise ValueError("give exactly one of concurrency and request_rate")
     url = f"{base_url}/v1/chat/completions"
@@ -95,32 +99,37 @@ async def run_load(base_url: str, model: str, sessions: list[Session], max_token
     async with aiohttp.ClientSession(connector=connector, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
         start = time.perf_counter()
+        deadline = start + stop_after_s if stop_after_s is not None else float("inf")
         if concurrency is not None:
-            batches = await _fixed_concurrency(http, url, model, sessions, max_tokens, concurrency)
+            batches = await _fixed_concurrency(http, url, model, sessions, max_tokens, concurrency, deadline)
         else:
-            batches = await _poisson(http, url, model, sessions, max_tokens, request_rate, seed)
+            batches = await _poisson(http, url, model, sessions, max_tokens, request_rate, seed, deadline)
         wall = time.perf_counter() - start
     return [result for batch in batches for result in batch], wall
 
 
-async def _fixed_concurrency(http, url, model, sessions, max_tokens, concurrency) -> list[list[RequestResult]]:
+async def _fixed_concurrency(http, url, model, sessions, max_tokens, concurrency,
+                             deadline: float) -> list[list[RequestResult]]:
     queue: asyncio.Queue = asyncio.Queue()
     for session in sessions:
         queue.put_nowait(session)
     batches: list[list[RequestResult]] = []
 
     async def worker():
-        while not queue.empty():
+        while not queue.empty() and time.perf_counter() < deadline:
             batches.append(await _run_session(http, url, model, queue.get_nowait(), max_tokens))
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(sessions)))))
     return batches
 
 
-async def _poisson(http, url, model, sessions, max_tokens, rate, seed) -> list[list[RequestResult]]:
+async def _poisson(http, url, model, sessions, max_tokens, rate, seed,
+                   deadline: float) -> list[list[RequestResult]]:
     rng = random.Random(seed)
     tasks = []
     for session in sessions:
+        if time.perf_counter() >= deadline:
+            break
         tasks.append(asyncio.create_task(_run_session(http, url, model, session, max_tokens)))
         await asyncio.sleep(rng.expovariate(rate))
     return list(await asyncio.gather(*tasks))

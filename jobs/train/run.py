@@ -10,6 +10,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from cluster import auth
 from cluster.errors import UserError
 from cluster.store import Store, write_bytes_atomic
 from jobs.data.prepared import open_dataset
@@ -22,11 +23,13 @@ def connect(address: str | None, cpus_needed: float) -> None:
     """Join the cluster a `ray job submit` or `rayfoundry up` gave us, or start a private one."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as `rayfoundry up` runs it
     if address is None and "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private cluster on loopback, gone with this process
         # Ray Data's read tasks need a CPU beside the workers' or they wait behind them forever.
         ray.init(address="local", num_cpus=math.ceil(cpus_needed) + 1, include_dashboard=False, log_to_driver=True)
     else:
+        if auth.token() and auth.MODE_VARIABLE not in os.environ:
+            auth.send_token()  # rayfoundry's clusters want it; one that does not ignores it
         ray.init(address=address, log_to_driver=True)
 
 
