@@ -64,7 +64,7 @@ class BenchAutoscaleConfig(StrictConfig):
     store: str | None = None
 
 
-def _cluster_yaml(config: BenchAutoscaleConfig, folder: Path) -> Path:
+def fake_cluster_yaml(config: BenchAutoscaleConfig, folder: Path) -> Path:
     """The cluster YAML with a free GCS port (and the idle timeout asked for), written to `folder`."""
     data = yaml.safe_load(Path(config.cluster).read_text())
     if not is_fake(data):
@@ -148,7 +148,7 @@ def measure(config: BenchAutoscaleConfig) -> tuple[dict, list[dict], list[dict],
     sessions = build_sessions(config.workload, word_list(AutoTokenizer.from_pretrained(model_path)))
     auth.send_token()  # the cluster has token authentication on
     with tempfile.TemporaryDirectory(prefix="rayfoundry-autoscale-") as folder:
-        cluster = FakeCluster(_cluster_yaml(config, Path(folder)), dashboard_port=free_port())
+        cluster = FakeCluster(fake_cluster_yaml(config, Path(folder)), dashboard_port=free_port())
         print(cluster.start(), file=sys.stderr)
         try:
             samples, results, replica_node, t0, load_end = run_loop(config, model_path, sessions, cluster)

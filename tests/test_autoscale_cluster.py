@@ -5,6 +5,7 @@ one are checked against Ray's schema in test_cluster_configs.py."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -16,10 +17,12 @@ import ray
 from cluster import auth
 from cluster.config import parse_config
 from cluster.fake_cluster import FakeCluster
+from conftest import RAYFOUNDRY, run
 from jobs.bench.cluster_timeline import HEAD_RESOURCE, worker_nodes
-from jobs.bench_autoscale import BenchAutoscaleConfig, _cluster_yaml, measure
+from jobs.bench_autoscale import BenchAutoscaleConfig, fake_cluster_yaml, measure
 from jobs.search.config import SearchConfig
 from jobs.search.run import run_search
+from kernels.cpu_ops import native_ops
 
 pytestmark = pytest.mark.slow
 IDLE_TIMEOUT_S = 15
@@ -30,6 +33,7 @@ def test_load_launches_nodes_whose_replicas_serve_then_replicas_and_nodes_go(tin
     launch nodes, the replicas there serve requests (each response names its replica, each replica
     its node); after the load the deployment returns to 0 replicas and the nodes go within the idle
     timeout; no request fails."""
+    native_ops()  # built here if this machine has not yet: a replica waiting on the build outlasts the load
     config = parse_config(BenchAutoscaleConfig, {
         "model": str(tiny_llama_long_dir), "idle_timeout_minutes": IDLE_TIMEOUT_S / 60, "load_s": 75,
         "concurrency": 8, "max_tokens": 24, "engine": {"kv_cache_memory_gib": 0.05, "max_num_seqs": 16},
@@ -46,20 +50,17 @@ def test_load_launches_nodes_whose_replicas_serve_then_replicas_and_nodes_go(tin
 
 @pytest.fixture
 def fake_cluster(tmp_path):
-    cluster = FakeCluster(_cluster_yaml(BenchAutoscaleConfig(idle_timeout_minutes=IDLE_TIMEOUT_S / 60), tmp_path),
-                          dashboard_port=_free())
-    cluster.start()
+    """`rayfoundry up --cluster` on a copy of cluster/fake-multinode.yaml (a free GCS port), and `down`."""
+    path = fake_cluster_yaml(BenchAutoscaleConfig(idle_timeout_minutes=IDLE_TIMEOUT_S / 60), tmp_path)
+    up = run([*RAYFOUNDRY, "up", "--cluster", str(path)], dict(os.environ), timeout=300)
+    assert up.returncode == 0 and "fake autoscaling cluster started" in up.stdout, up.stderr
+    cluster = FakeCluster(path)
     try:
         yield cluster
     finally:
-        cluster.stop()
-    assert not cluster.running()
-
-
-def _free() -> int:
-    from cluster.fake_cluster import free_port
-
-    return free_port()
+        down = run([*RAYFOUNDRY, "down", "--cluster", str(path)], dict(os.environ), timeout=120)
+    assert down.returncode == 0 and "fake cluster stopped" in down.stdout, down.stderr
+    assert not cluster.running(), "a process of the fake cluster outlived `rayfoundry down --cluster`"
 
 
 def test_the_fake_cluster_refuses_a_request_without_its_token(fake_cluster):
@@ -82,7 +83,7 @@ def test_a_search_whose_trials_want_gpus_starts_nodes_for_them(fake_cluster, tin
         "objectives": ["ppl", "linear_bytes"], "space": {"bits": [4, 8, None], "group_size": [32, None],
                                                          "quant_method": ["rtn"], "head_bits": [8, None]},
         "seeds": {"recipes": ["configs/recipes/int8-weight.yaml"]}, "searcher": {"kind": "random"},
-        "num_trials": 3, "concurrency": 2, "resources_per_trial": {"cpu": 1, "gpu": 1},
+        "num_trials": 2, "concurrency": 2, "resources_per_trial": {"cpu": 1, "gpu": 1},
         "ray_address": fake_cluster.address})
     auth.send_token()
     assert run_search(config) == 0
@@ -97,6 +98,6 @@ def test_a_search_whose_trials_want_gpus_starts_nodes_for_them(fake_cluster, tin
         ray.shutdown()
     (folder,) = (tmp_path / "store" / "results").iterdir()
     rows = pq.read_table(folder / "results.parquet").to_pylist()
-    assert len(rows) == 3 and all(r["status"] == "complete" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows), rows
     assert head not in {r["node_id"] for r in rows}, "a trial ran on the head, which has no GPU"
     assert len({r["node_id"] for r in rows}) >= 2
