@@ -28,6 +28,18 @@ pytestmark = pytest.mark.slow
 IDLE_TIMEOUT_S = 15
 
 
+@pytest.fixture(autouse=True)
+def api_keys_here_and_auth_mode_restored(tmp_path, monkeypatch):
+    """The Serve API keys a fake cluster hands its ingress, kept out of the user's ~/.rayfoundry; and
+    RAY_AUTH_MODE, which talking to a token cluster sets in this process, as it was before (Ray's
+    config re-read), so later tests' clusters see what they set themselves."""
+    monkeypatch.setenv("RAYFOUNDRY_API_KEYS_FILE", str(tmp_path / "api_keys"))
+    monkeypatch.setenv(auth.MODE_VARIABLE, os.environ.get(auth.MODE_VARIABLE, "token"))  # undone after
+    yield
+    monkeypatch.undo()
+    ray._raylet.Config.initialize("")
+
+
 def test_load_launches_nodes_whose_replicas_serve_then_replicas_and_nodes_go(tiny_llama_long_dir, tmp_path):
     """From 0 worker nodes: replicas that each want a GPU (the head has none) make the autoscaler
     launch nodes, the replicas there serve requests (each response names its replica, each replica
