@@ -76,11 +76,28 @@ def use_for(dashboard_url: str) -> None:
 
 
 def send_token() -> None:
-    """RAY_AUTH_MODE=token for this process and its children. Ray reads its config once, when it is
-    first imported; re-reading it is what Ray itself does when it turns token mode on."""
-    os.environ[MODE_VARIABLE] = "token"
-    if "ray._raylet" in sys.modules:
-        sys.modules["ray._raylet"].Config.initialize("")
+    """RAY_AUTH_MODE=token for this process and its children."""
+    set_process_mode("token")
+
+
+def for_private_cluster() -> None:
+    """A private Ray on loopback, gone with this process, runs without a token unless the user chose a mode."""
+    if MODE_VARIABLE not in os.environ:
+        set_process_mode("disabled")
+
+
+def set_process_mode(mode: str | None) -> None:
+    """RAY_AUTH_MODE for this process and its children (None: Ray's default). Ray reads its config once, when
+    it is first imported, and keeps the first token it loads: both are read again, or a mode this process held
+    before lingers (a later cluster's raylet, sent no token, is then refused by this process: tasks never run)."""
+    if mode is None:
+        os.environ.pop(MODE_VARIABLE, None)
+    else:
+        os.environ[MODE_VARIABLE] = mode
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None:
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
 def api_keys_path() -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from cluster import auth
 from cluster.config import StrictConfig, load_config
 from cluster.errors import UserError, reports_user_errors
 from cluster.local_cluster import HOST
@@ -82,7 +82,7 @@ def _start_ray(config: BenchServeConfig) -> str:
     from ray import serve
 
     if config.ray_address == "local":
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        auth.for_private_cluster()
         num_cpus = config.num_cpus or config.replicas * config.num_cpus_per_replica + 1
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:

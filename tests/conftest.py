@@ -5,10 +5,13 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from cluster import auth
 
 REPO = Path(__file__).resolve().parents[1]
 RAYFOUNDRY = [sys.executable, "-c", "import sys; from cluster.cli import main; sys.argv[0] = 'rayfoundry'; main()"]
@@ -27,6 +30,28 @@ def _same_random_draws_every_run() -> None:
     torch = sys.modules.get("torch")  # tests that never import torch should not pay for it
     if torch is not None:
         torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ray_auth_mode_as_before() -> None:
+    """Each test ends in the Ray authentication mode it began with. Ray keeps its mode and the token it
+    loaded for the whole process, and ray.init() of a new cluster, or of one holding a token, turns token
+    mode on for good: a later test's cluster without tokens would never hear back from this process."""
+    before = os.environ.get(auth.MODE_VARIABLE)
+    yield
+    if os.environ.get(auth.MODE_VARIABLE) != before:
+        auth.set_process_mode(before)
+
+
+@contextmanager
+def ray_auth_mode(mode: str | None):
+    """This process's Ray authentication `mode` inside the block (a test's private cluster: "disabled")."""
+    before = os.environ.get(auth.MODE_VARIABLE)
+    auth.set_process_mode(mode)
+    try:
+        yield
+    finally:
+        auth.set_process_mode(before)
 
 
 def run(argv: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float = 900) -> Result:

@@ -29,15 +29,9 @@ IDLE_TIMEOUT_S = 15
 
 
 @pytest.fixture(autouse=True)
-def api_keys_here_and_auth_mode_restored(tmp_path, monkeypatch):
-    """The Serve API keys a fake cluster hands its ingress, kept out of the user's ~/.rayfoundry; and
-    RAY_AUTH_MODE, which talking to a token cluster sets in this process, as it was before (Ray's
-    config re-read), so later tests' clusters see what they set themselves."""
+def api_keys_here(tmp_path, monkeypatch):
+    """The Serve API keys a fake cluster hands its ingress, kept out of the user's ~/.rayfoundry."""
     monkeypatch.setenv("RAYFOUNDRY_API_KEYS_FILE", str(tmp_path / "api_keys"))
-    monkeypatch.setenv(auth.MODE_VARIABLE, os.environ.get(auth.MODE_VARIABLE, "token"))  # undone after
-    yield
-    monkeypatch.undo()
-    ray._raylet.Config.initialize("")
 
 
 def test_load_launches_nodes_whose_replicas_serve_then_replicas_and_nodes_go(tiny_llama_long_dir, tmp_path):

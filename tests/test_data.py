@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cluster import auth
 from cluster.errors import UserError
 from cluster.store import Store
 from jobs.data.prepared import check_tokenized_for, tokenizer_entry
@@ -130,11 +131,10 @@ def test_a_dataset_is_read_by_models_with_its_tokenizer_only(tmp_path):
         check_tokenized_for(dataset, model_folder(tmp_path / "other", '{"vocab": 2}'), "other")
 
 
-def test_split_reads_as_a_ray_dataset(tmp_path, monkeypatch):
+def test_split_reads_as_a_ray_dataset(tmp_path):
     import ray
 
-    # A new local ray.init() would otherwise switch on token auth for this whole process.
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    auth.set_process_mode("disabled")  # a private Ray; the test's end restores the mode
     stream = np.arange(3 * ROW_TOKENS + 5, dtype=np.int32)
     dataset, _ = stored_dataset(tmp_path, stream, shard_tokens=2 * ROW_TOKENS)
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,

@@ -1,10 +1,10 @@
 """The engine on the real SmolLM2: greedy tokens and logprobs equal transformers'."""
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cluster import auth
 from conftest import hf_greedy_with_logprobs
 from kernels.cpu_linear import FEW_ROWS_PATHS, PrepackedLinear
 from serve_apps.engine.config import EngineConfig
@@ -104,7 +104,7 @@ def test_tensor_parallel_2_gives_transformers_tokens_with_half_the_weights_each(
     (anonymous memory added while loading, sampled in each rank's process)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    auth.set_process_mode("disabled")  # a private Ray; the test's end restores the mode
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = EngineConfig(num_blocks=400, block_size=16, max_num_batched_tokens=256, tensor_parallel_size=2,
                           prepack_weights=False)

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 from cluster.config import parse_config
 from cluster.errors import BUDGET_NOT_MET_EXIT_CODE
 from cluster.store import Store
-from conftest import RAYFOUNDRY, env_with_home, run
+from conftest import RAYFOUNDRY, env_with_home, ray_auth_mode, run
 from jobs.compress.__main__ import main as compress_main
 from jobs.compress.recipe import apply_recipe
 from jobs.data.prepared import open_dataset
@@ -43,14 +43,15 @@ def two_nodes():
     the nodes start with the tests folder on their path."""
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), saved) if p)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with ray_auth_mode("disabled"):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
         if saved is None:
             os.environ.pop("PYTHONPATH")
         else:

@@ -13,7 +13,7 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from conftest import free_port
+from conftest import free_port, ray_auth_mode
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
 pytestmark = pytest.mark.slow
@@ -24,19 +24,19 @@ PROMPTS = ["The quick brown fox", "To be or not to be, that is", "Once upon a ti
 @pytest.fixture(scope="module")
 def cluster():
     """A head with 2 CPUs (room for a STRICT_PACK tp=2 replica) and four 1-CPU nodes with a logical GPU."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    for _ in range(4):
-        cluster.add_node(num_cpus=1, num_gpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+    with ray_auth_mode("disabled"):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        for _ in range(4):
+            cluster.add_node(num_cpus=1, num_gpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            yield port
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def _app(model_dir, **changes):

@@ -15,6 +15,7 @@ import yaml
 
 from cluster.errors import UserError
 from cluster.store import Store
+from conftest import ray_auth_mode
 
 pytestmark = pytest.mark.slow
 TRAIN = {"workers": 2, "cpus_per_worker": 1, "steps": 4, "micro_batch": 2, "seq_len": 32, "lr": 1e-3,
@@ -26,10 +27,10 @@ def ray_cluster():
     """One private Ray for the module: 2 training workers and a CPU for Ray Data beside them."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with ray_auth_mode("disabled"):
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 def qat_config(tmp_path: Path, home: Path, model: Path, **changes):

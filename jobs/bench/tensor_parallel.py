@@ -4,13 +4,13 @@ shared-memory all-reduce and with gloo alone. Each tp row notes the share of its
 spent in collectives and in sending the step's message."""
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from cluster import auth
 from jobs.bench.measure import Measured
 from jobs.bench.ours import run_engine
 from jobs.bench.workloads import random_prompts
@@ -46,7 +46,7 @@ def run_tensor_parallel(engine_config: EngineConfig, path: Path, vocab: int, tp:
 
     started_ray = not ray.is_initialized()
     if started_ray:  # a private Ray on this machine's cores: the workers' actors need one
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        auth.for_private_cluster()
         ray.init(address="local", num_cpus=tp, include_dashboard=False, log_to_driver=False)
     engines = _engines(engine_config, path, tp, all_reduces)
     rows = []

@@ -24,7 +24,7 @@ def connect(address: str | None, cpus_needed: float) -> None:
     if ray.is_initialized():
         return
     if address is None and "RAY_ADDRESS" not in os.environ:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private cluster on loopback, gone with this process
+        auth.for_private_cluster()
         # Ray Data's read tasks need a CPU beside the workers' or they wait behind them forever.
         ray.init(address="local", num_cpus=math.ceil(cpus_needed) + 1, include_dashboard=False, log_to_driver=True)
     else:

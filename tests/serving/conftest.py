@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, ray_auth_mode
 
 # The settings every module here needs, set once for all of them:
 PROCESS_ENV = {
-    "RAY_AUTH_MODE": "disabled",  # as `rayfoundry up` has it: a new local ray.init() would turn it on
     "RAY_metrics_report_interval_ms": "500",  # metrics reach Ray's endpoint in 0.5 s instead of 10
 }
 WORKER_ENV = {
@@ -39,15 +38,18 @@ def serve_cluster(smollm2_home) -> Iterator[ServeCluster]:
     previous = {key: os.environ.get(key) for key in PROCESS_ENV}
     os.environ.update(PROCESS_ENV)
     metrics_port, port = free_port(), free_port()
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port,
-             runtime_env={"env_vars": {**WORKER_ENV, "RAYFOUNDRY_HOME": str(smollm2_home)}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield ServeCluster(f"http://127.0.0.1:{port}", port, metrics_port)
+        with ray_auth_mode("disabled"):  # a private Ray on loopback
+            ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False,
+                     _metrics_export_port=metrics_port,
+                     runtime_env={"env_vars": {**WORKER_ENV, "RAYFOUNDRY_HOME": str(smollm2_home)}})
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                yield ServeCluster(f"http://127.0.0.1:{port}", port, metrics_port)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
     finally:
-        serve.shutdown()
-        ray.shutdown()
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
