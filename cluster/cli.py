@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from cluster import local_cluster
+from cluster import local_cluster, prometheus
 from cluster.errors import UserError, reports_user_errors
+from cluster.processes import session_dir
 from cluster.store import Store, human_bytes, singular, verify
 from cluster.submit import run_here, run_job
 
@@ -46,11 +48,57 @@ def cmd_up(args) -> int:
         print(launcher.up(args.cluster))
         return 0
     print(local_cluster.up(num_cpus=args.num_cpus))
+    session = session_dir(local_cluster.GCS_PORT)
+    print(_publish_dashboards(session))
+    if args.prometheus:
+        print(prometheus.ensure(session))
+    return 0
+
+
+def _publish_dashboards(session: Path | None) -> str:
+    from cluster.grafana import publish
+
+    try:
+        places = publish(Store(), session)
+    except (OSError, UserError) as error:  # a store out of reach: the cluster runs all the same
+        return f"note: the Grafana dashboards were not written: {error}"
+    return f"Grafana dashboards (Serving, Training, Search, Cluster): {', '.join(places)}"
+
+
+def cmd_dashboards_write(args) -> int:
+    from cluster.dashboards import all_dashboards
+    from cluster.grafana import write_dashboards
+
+    for path in write_dashboards(all_dashboards(), args.out):
+        print(path)
+    return 0
+
+
+def cmd_dashboards_push(args) -> int:
+    from cluster.grafana_push import push
+
+    api_key = args.api_key or os.environ.get("GRAFANA_API_KEY")
+    if not api_key:
+        raise UserError("give Grafana's API key: --api-key KEY or GRAFANA_API_KEY")
+    for url in push(args.grafana_url, api_key, args.prometheus_url):
+        print(url)
+    return 0
+
+
+def cmd_dashboards_render(args) -> int:
+    from cluster.dashboards import all_dashboards
+    from cluster.dashboard_render import render, seconds_of
+
+    for sheet in render(all_dashboards(), args.prometheus_url, seconds_of(args.since), args.out):
+        empty = f"; no data: {', '.join(sheet.without_data)}" if sheet.without_data else ""
+        print(f"{sheet.path}: {sheet.panels - len(sheet.without_data)} of {sheet.panels} panels have data{empty}")
     return 0
 
 
 def cmd_status(args) -> int:
     report = local_cluster.status()
+    if report["running"] and (session := session_dir(local_cluster.GCS_PORT)) is not None:
+        report["prometheus"] = prometheus.status(prometheus.of_session(session))
     print(json.dumps(report, indent=2))
     return 0 if report["running"] else 1
 
@@ -61,6 +109,9 @@ def cmd_down(args) -> int:
 
         print(launcher.down(args.cluster))
         return 0
+    session = session_dir(local_cluster.GCS_PORT)
+    if session is not None and prometheus.stop(prometheus.of_session(session)):
+        print("Prometheus stopped")
     print(local_cluster.down())
     return 0
 
@@ -134,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a cluster from a launcher YAML (`ray up`)")
     up.add_argument("--num-cpus", type=int, help="CPUs the local head offers (default: all)")
     up.add_argument("--cluster", type=Path, help=CLUSTER_HELP)
+    up.add_argument("--prometheus", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"start a Prometheus on 127.0.0.1:{prometheus.PORT} scraping every node (default: when "
+                         "installed); `down` stops it")
     up.set_defaults(func=cmd_up)
     sub.add_parser("status", help="show the local cluster").set_defaults(func=cmd_status)
     down = sub.add_parser("down", help="stop the local cluster, or with --cluster a launcher YAML's (`ray down`)")
@@ -152,6 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
         "search": sub.add_parser("search", help="search compression recipes with Ray Tune").add_subparsers(
             dest="action", required=True),
     }
+    dashboards = sub.add_parser("dashboards",
+                                help="Grafana dashboards of the serving, training, search and cluster metrics")
+    actions = dashboards.add_subparsers(dest="action", required=True)
+    write = actions.add_parser(
+        "write", help="write the dashboards' Grafana JSON, one file each (`rayfoundry up` also puts them in the "
+                      "store and in Ray's Grafana folder)")
+    write.add_argument("--out", type=Path, required=True, help="folder for the JSON files")
+    write.set_defaults(func=cmd_dashboards_write)
+    push = actions.add_parser("push", help="create or update the Prometheus data source and the dashboards in a "
+                                           "Grafana (grafana-api: pip install 'rayfoundry[grafana]')")
+    push.add_argument("--grafana-url", required=True, help="e.g. http://127.0.0.1:3000")
+    push.add_argument("--api-key", help="a service account token with the Editor role (default: $GRAFANA_API_KEY)")
+    push.add_argument("--prometheus-url", default=f"http://127.0.0.1:{prometheus.PORT}",
+                      help="Prometheus as the Grafana server reaches it (default: %(default)s)")
+    push.set_defaults(func=cmd_dashboards_push)
+    render = actions.add_parser("render", help="draw every panel from Prometheus as PNG sheets, one per dashboard "
+                                               "(no Grafana needed)")
+    render.add_argument("--since", default="15m", help="how far back: 30s, 15m, 2h, 1d (default: %(default)s)")
+    render.add_argument("--out", type=Path, required=True, help="folder for the PNG sheets")
+    render.add_argument("--prometheus-url", default=f"http://127.0.0.1:{prometheus.PORT}",
+                        help="(default: %(default)s)")
+    render.set_defaults(func=cmd_dashboards_render)
     show = groups["search"].add_parser("show", help="print a search's Pareto front and chosen recipe")
     show.add_argument("run", help="the search's name (its config's `name`)")
     show.add_argument("--store", help="store URI (default: $RAYFOUNDRY_STORE or ~/.rayfoundry/store)")

@@ -20,3 +20,15 @@ pip install "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 echo "installing rayfoundry and its dependencies (ray, deepspeed, transformers, ...) ..."
 pip install -e '.[test]'
 echo "installed: $(.venv/bin/rayfoundry --help >/dev/null && echo rayfoundry) into .venv"
+
+# Prometheus, which `rayfoundry up` starts beside the cluster: the Debian package where apt can install it.
+if command -v prometheus >/dev/null; then
+  echo "Prometheus: $(command -v prometheus)"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing Prometheus (Debian package) ..."
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+    >/dev/null 2>&1 || echo "note: apt-get could not install prometheus; rayfoundry up runs without it"
+else
+  echo "note: Prometheus not found; install it (sudo apt-get install prometheus, or a release from" \
+       "https://prometheus.io/download/) for rayfoundry up to start one"
+fi

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cluster import auth
+from cluster import auth, prometheus
 from cluster.errors import UserError
 
 HOST = "127.0.0.1"
@@ -62,6 +62,9 @@ def env_for_ray() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Every process reports its metrics every 5 s (Ray's default: 10), as often as our Prometheus scrapes,
+    # so a short job's last values are seen too.
+    env.setdefault("RAY_metrics_report_interval_ms", str(prometheus.SCRAPE_INTERVAL_S * 1000))
     # Every Ray process reads the mode from its environment; the token from RAY_AUTH_TOKEN or its file.
     env[auth.MODE_VARIABLE] = "token" if auth.wanted() else "disabled"
     return env

@@ -1,7 +1,8 @@
 """Metric names, defined once: the engine and router export them, the dashboards read them.
 
 Each is a MetricSpec; `ray_metric` turns one into the ray.util.metrics object a Serve replica
-exports, which Ray publishes on its Prometheus endpoint with a `ray_` prefix.
+exports, which Ray publishes on its Prometheus endpoint with a `ray_` prefix (`series` gives that name).
+The metrics of Ray itself that the dashboards read are listed here too, so that no name is typed twice.
 """
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ class MetricSpec:
     description: str
     boundaries: tuple[float, ...] = ()
     tag_keys: tuple[str, ...] = ("model", "replica")
+    exported_by: Literal["rayfoundry", "ray"] = "rayfoundry"
+
+
+def series(spec: MetricSpec, suffix: str = "") -> str:
+    """The name Prometheus knows `spec` by: Ray prefixes the metrics it publishes for us with `ray_`;
+    `suffix` picks a histogram's series (`_bucket`, `_sum`, `_count`)."""
+    name = spec.name if spec.exported_by == "ray" else f"ray_{spec.name}"
+    return name + suffix
 
 
 def _latency(name: str, description: str) -> MetricSpec:
@@ -72,10 +81,45 @@ TRAIN_VALIDATION_PERPLEXITY = MetricSpec("rayfoundry_train_validation_perplexity
                                          "Perplexity on the validation split, last measured.", tag_keys=_TRAIN_TAGS)
 TRAIN_METRICS = (TRAIN_STEP, TRAIN_LOSS, TRAIN_TOKENS_PER_SECOND, TRAIN_VALIDATION_PERPLEXITY)
 
+# Recorded by a search's driver (jobs/search) as Tune's trials start and end, tagged with the search's name.
+SEARCH_TRIALS = MetricSpec("rayfoundry_search_trials", "gauge",
+                           "Trials of a search by Tune's state: PENDING, RUNNING, TERMINATED, ERROR.",
+                           tag_keys=("search", "state"))
+SEARCH_BEST_OBJECTIVE = MetricSpec("rayfoundry_search_best_objective", "gauge",
+                                   "Best value so far of each objective among finished trials within the budget.",
+                                   tag_keys=("search", "objective"))
+SEARCH_METRICS = (SEARCH_TRIALS, SEARCH_BEST_OBJECTIVE)
+
+
+
+# Exported by Ray itself: its metrics agent on every node, Serve's controller, proxies and replicas.
+def _ray(name: str, kind: Literal["counter", "gauge"], description: str, *tag_keys: str) -> MetricSpec:
+    return MetricSpec(name, kind, description, tag_keys=tag_keys, exported_by="ray")
+
+
+NODE_CPU_COUNT = _ray("ray_node_cpu_count", "gauge", "Logical CPU cores of a node.", "instance")
+NODE_CPU_UTILIZATION = _ray("ray_node_cpu_utilization", "gauge", "CPU use of a node, percent.", "instance")
+NODE_MEMORY_USED = _ray("ray_node_mem_used", "gauge", "Memory in use on a node, bytes.", "instance")
+NODE_MEMORY_TOTAL = _ray("ray_node_mem_total", "gauge", "Memory of a node, bytes.", "instance")
+CLUSTER_RESOURCES = _ray("ray_resources", "gauge", "Logical resources of a node (Name: CPU, GPU, memory), "
+                         "by State: USED or AVAILABLE.", "Name", "State", "instance")
+SERVE_REPLICAS_HEALTHY = _ray("ray_serve_deployment_replica_healthy", "gauge", "1 for each healthy replica.",
+                              "application", "deployment", "replica")
+SERVE_HTTP_REQUESTS = _ray("ray_serve_num_http_requests_total", "counter", "HTTP requests through Serve's proxy.",
+                           "application", "route", "method", "status_code")
+SERVE_HTTP_ERRORS = _ray("ray_serve_num_http_error_requests_total", "counter",
+                         "HTTP requests answered with an error, by error_code (429: shed by back-pressure).",
+                         "application", "route", "error_code")
+RAY_METRICS = (NODE_CPU_COUNT, NODE_CPU_UTILIZATION, NODE_MEMORY_USED, NODE_MEMORY_TOTAL, CLUSTER_RESOURCES,
+               SERVE_REPLICAS_HEALTHY, SERVE_HTTP_REQUESTS, SERVE_HTTP_ERRORS)
+
 
 def ray_metric(spec: MetricSpec):
     """The ray.util.metrics object for `spec` (create once per process and reuse)."""
     from ray.util import metrics
+
+    if spec.exported_by != "rayfoundry":
+        raise ValueError(f"{spec.name} is exported by Ray itself")
 
     if spec.kind == "counter":
         return metrics.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)

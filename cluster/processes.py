@@ -66,3 +66,14 @@ def _signal(pids: set[int], sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def session_dir(gcs_port: int) -> Path | None:
+    """The session folder of the Ray cluster whose GCS listens on `gcs_port` on this machine, from the
+    GCS's command line (`session_latest` names whichever Ray on the machine started last)."""
+    for _, command in _process_table().values():
+        if "gcs_server" in command and f"--gcs_server_port={gcs_port} " in f"{command} ":
+            found = re.search(r"--session-dir=(\S+)", command)
+            if found:
+                return Path(found.group(1))
+    return None

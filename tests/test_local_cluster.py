@@ -2,12 +2,14 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from cluster import auth
+from cluster import auth, prometheus
 from cluster.local_cluster import list_jobs, running_version
+from cluster.metrics import NODE_CPU_COUNT, series
 from conftest import RAYFOUNDRY, REPO, env_with_home, run
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -29,6 +31,7 @@ def local_cluster(tmp_path_factory):
     if not was_running:
         stopped = run([*RAYFOUNDRY, "down"], env, timeout=120)
         assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        assert ("Prometheus stopped" in stopped.stdout) == (prometheus.binary() is not None)
         assert running_version() is None
         again = run([*RAYFOUNDRY, "down"], env, timeout=60)
         assert again.returncode == 0 and "no local Ray cluster is running" in again.stdout
@@ -40,6 +43,32 @@ def test_status_reports_the_running_cluster(local_cluster):
     report = json.loads(result.stdout)
     assert report["running"] and report["dashboard"] == "http://127.0.0.1:8265"
     assert report["resources"]["nodes"] >= 1 and report["resources"]["CPU"] >= 1
+
+
+def test_up_starts_a_prometheus_that_scrapes_the_cluster(local_cluster):
+    if prometheus.binary() is None:
+        pytest.skip(prometheus.INSTALL_HINT)
+    report = json.loads(run([*RAYFOUNDRY, "status"], local_cluster, timeout=60).stdout)["prometheus"]
+    assert report["running"] and report["url"] == "http://127.0.0.1:9090"
+    deadline, nodes = time.monotonic() + 60, []
+    while not nodes and time.monotonic() < deadline:  # Ray's discovery file read, then a scrape
+        nodes = prometheus.query(report["url"], f"count({series(NODE_CPU_COUNT)})")
+        time.sleep(1)
+    assert nodes and float(nodes[0]["value"][1]) >= 1, "Prometheus never saw the node's metrics agent"
+    report = json.loads(run([*RAYFOUNDRY, "status"], local_cluster, timeout=60).stdout)["prometheus"]
+    assert report["targets"] >= 1 and report["targets_up"] >= 1
+
+
+def test_up_puts_the_grafana_dashboards_in_the_store_and_beside_rays_own(local_cluster):
+    from cluster.local_cluster import GCS_PORT
+    from cluster.processes import session_dir
+
+    folder = session_dir(GCS_PORT) / "metrics" / "grafana" / "dashboards"
+    assert (folder / "default_grafana_dashboard.json").is_file(), "Ray's own dashboards are not there"
+    uids = {json.loads(path.read_text())["uid"] for path in folder.glob("rayfoundry-*.json")}
+    assert uids == {"rayfoundry-serving", "rayfoundry-training", "rayfoundry-search", "rayfoundry-cluster"}
+    stored = Path(local_cluster["RAYFOUNDRY_HOME"]) / "store" / "results" / "dashboards"
+    assert {path.name for path in folder.glob("rayfoundry-*.json")} < {p.name for p in stored.iterdir()}
 
 
 def test_the_cluster_refuses_a_request_without_its_token(local_cluster):
@@ -98,10 +127,9 @@ def _metrics_text() -> str:
 
 def test_qat_runs_as_a_ray_job_with_its_run_and_progress_in_the_dashboard(local_cluster, tmp_path, tiny_llama_dir,
                                                                          smollm2_home):
-    import time
-
     import yaml
 
+    from cluster.dashboards import training
     from cluster.metrics import TRAIN_LOSS
 
     recipe = tmp_path / "int4.yaml"
@@ -120,6 +148,7 @@ def test_qat_runs_as_a_ray_job_with_its_run_and_progress_in_the_dashboard(local_
                      "--config", str(config)], local_cluster, cwd=REPO, timeout=300)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = submitted.stdout.split("Job '")[1].split("'")[0]
+    started = time.time()
     seen_metric, deadline = False, time.monotonic() + 900
     while time.monotonic() < deadline:
         seen_metric = seen_metric or f'ray_{TRAIN_LOSS.name}{{' in _metrics_text() and run_name in _metrics_text()
@@ -132,3 +161,38 @@ def test_qat_runs_as_a_ray_job_with_its_run_and_progress_in_the_dashboard(local_
     assert seen_metric, "the run's loss never reached Ray's metrics endpoint"
     runs = {r["name"]: r for r in _train_runs()}
     assert runs[run_name]["status"] == "FINISHED"
+    _every_panel_has_data(training(), started, tmp_path)
+
+
+def _every_panel_has_data(dashboard, since: float, out: Path) -> None:
+    """Through the cluster's Prometheus (which `rayfoundry up` started), each panel drawn from query_range
+    since `since` has a point: the dashboard names only metrics the job exported."""
+    from cluster.dashboard_render import render
+
+    if prometheus.binary() is None:
+        pytest.skip(prometheus.INSTALL_HINT)
+    time.sleep(prometheus.SCRAPE_INTERVAL_S + 1)  # the job's last values scraped
+    (sheet,) = render([dashboard], f"http://127.0.0.1:{prometheus.PORT}", time.time() - since, out)
+    assert sheet.without_data == (), f"{dashboard.title}: panels without data"
+
+
+def test_a_search_runs_as_a_ray_job_and_its_progress_reaches_prometheus(local_cluster, tmp_path, tiny_llama_dir,
+                                                                        smollm2_home):
+    """Two trials of a search through `ray job submit`; the Search dashboard's panels have data."""
+    import yaml
+
+    from cluster.dashboards import search
+
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": f"observed-{tmp_path.name}", "model": str(tiny_llama_dir), "data": "shakespeare",
+        "store": str(smollm2_home / "store"), "eval": {"tokens": 256, "window": 64, "batch_size": 2},
+        "budget": {"max_ppl_increase": 0.5}, "objectives": ["ppl", "linear_bytes"],
+        "space": {"bits": [4, 8, None], "group_size": [32, None], "quant_method": ["rtn"], "head_bits": [8, None]},
+        "seeds": {"recipes": ["configs/recipes/int8-weight.yaml"]},  # one trial within the budget at least
+        "searcher": {"kind": "random"}, "num_trials": 2, "resources_per_trial": {"cpu": 0.5}}))
+    started = time.time()
+    submitted = run([RAY, "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.search",
+                     "--config", str(config)], local_cluster, cwd=REPO, timeout=900)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    _every_panel_has_data(search(), started, tmp_path)

@@ -26,6 +26,7 @@ from jobs.search.finalize import store_chosen, verify_front
 from jobs.search.confirm import choose_confirmed
 from jobs.search.front import closest
 from jobs.search.prepare import Prepared, prepare
+from jobs.search.progress import SearchProgress
 from jobs.search.results import annotate, markdown, store_search_results, trial_rows
 from jobs.search.searchers import make_searcher, metric_key
 from jobs.search.sensitivity import ProbeContext, sensitivity_seeds
@@ -190,7 +191,8 @@ def new_tuner(config: SearchConfig, context: TrialContext, prepared: Prepared, s
             max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else config.concurrency),
         run_config=tune.RunConfig(
             name=context.run, storage_path=runs_uri(store), stop=stopper,
-            failure_config=tune.FailureConfig(max_failures=config.max_retries, fail_fast=False)),
+            failure_config=tune.FailureConfig(max_failures=config.max_retries, fail_fast=False),
+            callbacks=[SearchProgress(config.name, config.objectives, context.limit_ratio)]),
     )
 
 
