@@ -50,14 +50,21 @@ def _alive(pid: int) -> bool:
 
 
 def end_processes_of(marker: re.Pattern, grace_s: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL for what is left after `grace_s`; returns how many there were."""
+    """SIGTERM, then SIGKILL for what is left after `grace_s` (and what started meanwhile); returns how
+    many there were."""
     pids = processes_of(marker)
+    end_pids(pids, grace_s)
+    _signal({pid for pid in processes_of(marker) if _alive(pid)}, signal.SIGKILL)
+    return len(pids)
+
+
+def end_pids(pids: set[int], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL for those still alive after `grace_s`."""
     _signal(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    _signal({pid for pid in pids | processes_of(marker) if _alive(pid)}, signal.SIGKILL)
-    return len(pids)
+        time.sleep(0.1)
+    _signal({pid for pid in pids if _alive(pid)}, signal.SIGKILL)
 
 
 def _signal(pids: set[int], sig: int) -> None:

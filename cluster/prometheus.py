@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.errors import UserError
+from cluster.processes import end_pids
 
 HOST = "127.0.0.1"
 PORT = 9090
@@ -127,24 +127,12 @@ def stop(prometheus: Prometheus, timeout: float = 15.0) -> bool:
     prometheus.pid_path.unlink(missing_ok=True)
     if running is None:
         return False
-    os.kill(running, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(running) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(running):
-        os.kill(running, signal.SIGKILL)
-    return True
-
-
-def _alive(process_id: int) -> bool:
+    end_pids({running}, timeout)
     try:
-        os.waitpid(process_id, os.WNOHANG)  # reap it when it is our child
+        os.waitpid(running, 0)  # reaped, when this process started it
     except ChildProcessError:
         pass
-    try:
-        return Path(f"/proc/{process_id}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return True
 
 
 def ensure(session: Path | None) -> str:
